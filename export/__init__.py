@@ -1,0 +1,1 @@
+"""Torch side of dilseg: model zoo, training, ONNX export and TensorRT engine builds."""

@@ -1,0 +1,108 @@
+"""Safetensors weights that say which model and classes they belong to."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from torch import nn
+
+from .zoo import create_model
+
+
+class WeightsError(ValueError):
+    """Weights that cannot be loaded into the requested model."""
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def atomic_write(path: str | Path, write) -> None:
+    """Call ``write(tmp_path)`` then rename into place: the file is complete or absent."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise OSError(f"{path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OSError(f"{path}: folder {parent} is not writable")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_weights(model: nn.Module, path: str | Path, model_name: str, classes: list[str] | tuple[str, ...], **info: str) -> None:
+    """Save a model's state dict with its name and classes in the safetensors header."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"model": model_name, "classes": json.dumps(list(classes))}
+    meta.update({k: str(v) for k, v in info.items()})
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+
+
+def read_weights_info(path: str | Path) -> dict:
+    """The header metadata of a dilseg safetensors file (model name, classes, ...)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+    except FileNotFoundError:
+        raise WeightsError(f"{path}: no such weights file") from None
+    except (SafetensorError, OSError) as exc:
+        raise WeightsError(f"{path}: not a readable safetensors file ({exc})") from None
+    if "classes" in meta:
+        meta["classes"] = json.loads(meta["classes"])
+    return meta
+
+
+def load_weights(model: nn.Module, path: str | Path, num_classes: int | None = None) -> None:
+    """Load weights strictly; any missing/unexpected key or shape mismatch is a WeightsError."""
+    info = read_weights_info(path)
+    classes = info.get("classes")
+    if num_classes is not None and classes is not None and len(classes) != num_classes:
+        raise WeightsError(f"{path}: weights are for {len(classes)} classes, the model has {num_classes}")
+    state = load_file(str(path))
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        hint = f" (the file says it holds {info['model']!r})" if "model" in info else ""
+        lines = []
+        if missing:
+            lines.append(f"missing keys: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")
+        if unexpected:
+            lines.append(f"unexpected keys: {', '.join(unexpected[:4])}{' ...' if len(unexpected) > 4 else ''}")
+        if shapes:
+            lines.append("shape mismatches: " + "; ".join(shapes[:3]) + (" ..." if len(shapes) > 3 else ""))
+        raise WeightsError(f"{path}: does not fit this model{hint}: " + " | ".join(lines))
+    model.load_state_dict(state, strict=True)
+
+
+def load_model(path: str | Path, model_name: str | None = None) -> tuple[nn.Module, dict]:
+    """Build the model a weights file names (or ``model_name``) and load the file into it."""
+    info = read_weights_info(path)
+    name = model_name or info.get("model")
+    if not name:
+        raise WeightsError(f"{path}: the file does not name its model; pass --model NAME")
+    classes = info.get("classes") or []
+    model = create_model(name, len(classes) if classes else 11)
+    load_weights(model, path, len(classes) if classes else None)
+    info["model"] = name
+    return model, info

@@ -1,0 +1,1 @@
+"""Torch-free runtime: source -> preprocess -> backend -> postprocess -> sink."""

@@ -1,0 +1,121 @@
+"""Labelled segmentation datasets on disk: ``images/`` and ``labels/`` matched by file stem.
+
+CamVid (11 classes, void = 11) is the one the project trains on; its class names and
+palette travel into every exported artifact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+CAMVID_CLASSES: tuple[str, ...] = (
+    "Sky", "Building", "Pole", "Road", "Sidewalk", "Tree",
+    "SignSymbol", "Fence", "Car", "Pedestrian", "Bicyclist",
+)
+CAMVID_PALETTE: tuple[tuple[int, int, int], ...] = (
+    (128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (0, 0, 192), (128, 128, 0),
+    (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192),
+)
+CAMVID_IGNORE = 11
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class DatasetError(ValueError):
+    """A dataset folder is missing, incomplete, or holds a file that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    stem: str
+    image: Path
+    label: Path | None
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files of a folder, sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+class SegmentationDataset:
+    """A split of a labelled dataset: ``root/split/images`` + ``root/split/labels``.
+
+    ``root`` may also point straight at a folder holding images/ and labels/. Every image
+    must have a label with the same stem and vice versa; the error names the odd files.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str | None = "val",
+        num_classes: int = len(CAMVID_CLASSES),
+        ignore_index: int = CAMVID_IGNORE,
+    ) -> None:
+        root = Path(root)
+        base = root / split if split and (root / split / "images").is_dir() else root
+        self.image_dir, self.label_dir = base / "images", base / "labels"
+        if not self.image_dir.is_dir() or not self.label_dir.is_dir():
+            raise DatasetError(
+                f"{root}: expected images/ and labels/ folders"
+                + (f" (or {split}/images and {split}/labels)" if split else "")
+                + "; point --data at a dataset root such as ../shared/data/camvid"
+            )
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        images = {p.stem: p for p in list_images(self.image_dir)}
+        labels = {p.stem: p for p in self.label_dir.iterdir() if p.suffix.lower() == ".png"}
+        if not images:
+            raise DatasetError(f"{self.image_dir}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        no_label = sorted(set(images) - set(labels))
+        no_image = sorted(set(labels) - set(images))
+        if no_label or no_image:
+            parts = []
+            if no_label:
+                parts.append(f"images without a label: {', '.join(no_label[:5])}" + (" ..." if len(no_label) > 5 else ""))
+            if no_image:
+                parts.append(f"labels without an image: {', '.join(no_image[:5])}" + (" ..." if len(no_image) > 5 else ""))
+            raise DatasetError(f"{self.image_dir.parent}: unmatched files; " + "; ".join(parts))
+        self.samples = [Sample(stem, images[stem], labels[stem]) for stem in sorted(images)]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def read_image(self, i: int) -> np.ndarray:
+        """BGR uint8 image (OpenCV's order, as every source delivers frames)."""
+        return read_image(self.samples[i].image)
+
+    def read_label(self, i: int) -> np.ndarray:
+        path = self.samples[i].label
+        label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if label is None:
+            raise DatasetError(f"{path}: cannot be read as a PNG label map")
+        if label.ndim != 2 or label.dtype != np.uint8:
+            raise DatasetError(f"{path}: a label map must be 8-bit single-channel, got shape {label.shape} {label.dtype}")
+        bad = (label >= self.num_classes) & (label != self.ignore_index)
+        if bad.any():
+            values = sorted(set(np.unique(label[bad]).tolist()))
+            raise DatasetError(
+                f"{path}: label values {values[:8]} are outside 0..{self.num_classes - 1} and not the void value {self.ignore_index}"
+            )
+        return label
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        image, label = self.read_image(i), self.read_label(i)
+        if image.shape[:2] != label.shape:
+            raise DatasetError(f"{self.samples[i].image}: image is {image.shape[:2]} but its label is {label.shape}")
+        return image, label
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for i in range(len(self)):
+            yield self[i]
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image as BGR uint8 or raise a DatasetError naming the file."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DatasetError(f"{path}: cannot be read as an image (missing, unreadable or not an image)")
+    return image
