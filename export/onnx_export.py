@@ -1,0 +1,180 @@
+"""PyTorch -> self-describing ONNX, checked with onnx.checker and verified with ONNX Runtime."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from dilseg import __version__
+from dilseg.runtime.metadata import METADATA_KEY, ModelMeta
+
+DEFAULT_OPSET = 17
+
+
+class ExportError(ValueError):
+    """The export cannot proceed or its result failed verification."""
+
+
+class _WithHead(nn.Module):
+    """Wraps a model so the graph ends in int32 labels (argmax in the graph) or logits."""
+
+    def __init__(self, model: nn.Module, output_kind: str) -> None:
+        super().__init__()
+        self.model, self.output_kind = model, output_kind
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)
+        if self.output_kind == "labels":
+            # TensorRT's ArgMax yields INT64 unless the graph casts: only H*W int32 come back.
+            return logits.argmax(1).to(torch.int32)
+        return logits
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """'360x480' -> (360, 480); both multiples of 8 (the models' output stride)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise ExportError(f"--size must look like HxW (e.g. 360x480), got {text!r}") from None
+    if h <= 0 or w <= 0 or h % 8 or w % 8:
+        raise ExportError(f"--size {h}x{w}: height and width must be positive multiples of 8 (the output stride); "
+                          f"try {max(8, h - h % 8)}x{max(8, w - w % 8)}")
+    return h, w
+
+
+def torch_to_onnx_bytes(model: nn.Module, sample: torch.Tensor, output_kind: str, dynamic: bool, opset: int) -> bytes:
+    wrapped = _WithHead(model, output_kind).eval()
+    out_name = "labels" if output_kind == "labels" else "logits"
+    axes = None
+    if dynamic:
+        axes = {"input": {0: "batch", 2: "height", 3: "width"}}
+        axes[out_name] = {0: "batch", 1: "height", 2: "width"} if output_kind == "labels" else {0: "batch", 2: "height", 3: "width"}
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapped, sample, buf, opset_version=opset, input_names=["input"], output_names=[out_name],
+                          dynamic_axes=axes, do_constant_folding=True, dynamo=False)
+    return buf.getvalue()
+
+
+def attach_metadata(model_proto: onnx.ModelProto, meta: ModelMeta) -> None:
+    del model_proto.metadata_props[:]
+    entry = model_proto.metadata_props.add()
+    entry.key, entry.value = METADATA_KEY, meta.to_json()
+    model_proto.producer_name = "dilseg"
+    model_proto.producer_version = __version__
+    model_proto.doc_string = f"dilseg {meta.model}: {meta.num_classes}-class semantic segmentation ({meta.output_kind})"
+
+
+def with_logits_output(model_proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a labels graph that also returns the logits feeding its ArgMax (for verification)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model_proto)
+    argmax = [n for n in copy.graph.node if n.op_type == "ArgMax"]
+    if not argmax:
+        raise ExportError("labels graph has no ArgMax node")
+    name = argmax[-1].input[0]
+    inferred = onnx.shape_inference.infer_shapes(copy)
+    elem = next((vi.type.tensor_type.elem_type for vi in inferred.graph.value_info if vi.name == name), onnx.TensorProto.FLOAT)
+    copy.graph.output.append(onnx.helper.make_tensor_value_info(name, elem, None))
+    return copy
+
+
+@dataclass
+class Verification:
+    max_abs_diff: float
+    agreement: float  # % of pixels whose argmax agrees
+    inputs: int
+
+    def __str__(self) -> str:
+        return f"max |logit diff| {self.max_abs_diff:.2e}, argmax agreement {self.agreement:.4f}% over {self.inputs} inputs"
+
+
+def verification_inputs(meta: ModelMeta, size: tuple[int, int], n: int = 3, seed: int = 0) -> list[np.ndarray]:
+    """Deterministic image-like inputs (smooth gradients plus noise) through the runtime's preprocessing."""
+    from dilseg.runtime.preprocess import normalize
+
+    rng = np.random.default_rng(seed)
+    h, w = size
+    frames = []
+    for i in range(n):
+        yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+        base = np.stack([xx / w * 255, yy / h * 255, (xx + yy) / (h + w) * 255], -1)
+        frame = np.clip(base * (0.5 + 0.5 * i / max(1, n - 1)) + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+        frames.append(normalize(frame, meta))
+    return frames
+
+
+def verify_onnx(model: nn.Module, model_bytes: bytes, meta: ModelMeta, size: tuple[int, int],
+                inputs: list[np.ndarray] | None = None) -> Verification:
+    """Run PyTorch and ONNX Runtime on the same inputs; compare logits and argmax."""
+    import onnxruntime as ort
+
+    proto = onnx.load_from_string(model_bytes)
+    if meta.output_kind == "labels":
+        proto = with_logits_output(proto)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    in_name = sess.get_inputs()[0].name
+    in_type = np.float16 if sess.get_inputs()[0].type == "tensor(float16)" else np.float32
+    inputs = inputs if inputs is not None else verification_inputs(meta, size)
+    worst, agree, total = 0.0, 0, 0
+    model.eval()
+    for x in inputs:
+        with torch.no_grad():
+            ref = model(torch.from_numpy(x)).numpy()
+        outs = sess.run(None, {in_name: x.astype(in_type)})
+        logits = outs[-1].astype(np.float32)
+        worst = max(worst, float(np.abs(logits - ref).max()))
+        labels = outs[0] if meta.output_kind == "labels" else logits.argmax(1)
+        if meta.output_kind == "labels" and not np.array_equal(labels, logits.argmax(1)):
+            raise ExportError("the graph's labels disagree with the argmax of its own logits")
+        agree += int((labels == ref.argmax(1)).sum())
+        total += labels.size
+    return Verification(worst, 100.0 * agree / total, len(inputs))
+
+
+def export_onnx(
+    model: nn.Module,
+    meta: ModelMeta,
+    output: str | Path,
+    size: tuple[int, int] | None,
+    opset: int = DEFAULT_OPSET,
+    max_abs_diff: float = 1e-3,
+    min_agreement: float = 99.9,
+) -> Verification:
+    """Export, attach metadata, check, verify against PyTorch, then write atomically."""
+    from .weights import atomic_write
+
+    if opset < 13:
+        raise ExportError(f"--opset {opset}: dilseg needs opset >= 13 (Resize with sizes, int32 casts)")
+    dynamic = size is None
+    trace_size = size or (256, 320)
+    meta = replace(meta, input_size=size, dilseg_version=__version__)
+    sample = torch.zeros(1, 3, *trace_size)
+    model.eval()
+    proto = onnx.load_from_string(torch_to_onnx_bytes(model, sample, meta.output_kind, dynamic, opset))
+    attach_metadata(proto, meta)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"exported graph fails onnx.checker: {exc}") from None
+    data = proto.SerializeToString()
+    # A dynamic model is verified at a size other than the one it was traced at.
+    check = verify_onnx(model, data, meta, (trace_size[0] + 64, trace_size[1] + 32) if dynamic else trace_size)
+    if check.max_abs_diff > max_abs_diff or check.agreement < min_agreement:
+        raise ExportError(f"ONNX Runtime disagrees with PyTorch: {check} "
+                          f"(limits: diff <= {max_abs_diff}, agreement >= {min_agreement}%); nothing was written")
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    atomic_write(output, write)
+    return check

@@ -1,0 +1,75 @@
+"""Reading an artifact's self-description without torch or onnx: ONNX metadata or engine sidecar."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .metadata import METADATA_KEY, MetadataError, ModelMeta
+
+
+def sidecar_path(engine: str | Path) -> Path:
+    """``model.engine`` -> ``model.engine.json``."""
+    engine = Path(engine)
+    return engine.with_name(engine.name + ".json")
+
+
+def read_onnx_meta(path: str | Path) -> ModelMeta:
+    """The dilseg metadata of an ONNX file (read with ONNX Runtime, which every install has)."""
+    import onnxruntime as ort
+
+    path = Path(path)
+    if not path.is_file():
+        raise MetadataError(f"{path}: no such file")
+    try:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise MetadataError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0][:200]})") from None
+    props = sess.get_modelmeta().custom_metadata_map
+    if METADATA_KEY not in props:
+        raise MetadataError(
+            f"{path}: this ONNX has no dilseg metadata, so its classes, input size and normalisation are unknown; "
+            "export it with `dilseg export onnx` (segmentation models only)"
+        )
+    meta = ModelMeta.from_json(props[METADATA_KEY])
+    check_onnx_io(path, sess, meta)
+    return meta
+
+
+def check_onnx_io(path: Path, sess, meta: ModelMeta) -> None:
+    """The graph's outputs must be what the metadata promises (labels NxHxW or logits NxCxHxW)."""
+    outs = sess.get_outputs()
+    if not outs:
+        raise MetadataError(f"{path}: the model has no outputs")
+    rank = len(outs[0].shape)
+    want = 3 if meta.output_kind == "labels" else 4
+    if rank != want:
+        raise MetadataError(f"{path}: metadata says {meta.output_kind} but the first output has rank {rank} (expected {want})")
+    if meta.output_kind == "logits":
+        c = outs[0].shape[1]
+        if isinstance(c, int) and c != meta.num_classes:
+            raise MetadataError(f"{path}: the model outputs {c} classes but its metadata lists {meta.num_classes}")
+
+
+def read_sidecar(engine: str | Path) -> dict:
+    """The JSON sidecar of a TensorRT engine (model metadata plus build facts)."""
+    path = sidecar_path(engine)
+    if not path.is_file():
+        raise MetadataError(f"{engine}: no sidecar {path.name} beside the engine; rebuild it with `dilseg build`")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MetadataError(f"{path}: corrupt sidecar ({exc}); rebuild the engine with `dilseg build`") from None
+
+
+def read_meta(path: str | Path) -> ModelMeta:
+    """Metadata of any runnable artifact: .onnx or .engine."""
+    path = Path(path)
+    if path.suffix == ".engine":
+        side = read_sidecar(path)
+        if "meta" not in side:
+            raise MetadataError(f"{sidecar_path(path)}: sidecar lacks the model metadata; rebuild the engine")
+        return ModelMeta.from_dict(side["meta"])
+    return read_onnx_meta(path)
