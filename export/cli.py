@@ -55,6 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed", type=int, default=0, help="seed for repeatable runs")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     t.add_argument("--max-train-images", type=int, default=0, help="use only the first N images (smoke runs)")
+    t.add_argument("--max-val-images", type=int, default=0, help="validate on only the first N images (smoke runs)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.set_defaults(func=run_train)
 
@@ -91,7 +92,7 @@ def run_train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig(model=args.model, data=args.data, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
                       lr=args.lr, crop=parse_size(args.crop), seed=args.seed, threads=args.threads,
-                      max_train_images=args.max_train_images)
+                      max_train_images=args.max_train_images, max_val_images=args.max_val_images)
     best = train(cfg, resume=args.resume)
     print(f"best weights: {best}")
     return 0

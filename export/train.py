@@ -48,6 +48,7 @@ class TrainConfig:
     threads: int = 0  # 0: torch's default
     val_every: int = 1
     max_train_images: int = 0  # 0: all; small values for smoke tests
+    max_val_images: int = 0
 
 
 def class_weights(labels: list[np.ndarray], num_classes: int, ignore: int) -> np.ndarray:
@@ -97,11 +98,13 @@ def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: SegmentationDataset, meta: ModelMeta, device: torch.device) -> float:
+def evaluate(model: torch.nn.Module, data: SegmentationDataset, meta: ModelMeta, device: torch.device,
+             limit: int = 0) -> float:
     """Val mIoU at the dataset's own resolution (CamVid frames are the model input size)."""
     model.eval()
     cm = ConfusionMatrix(data.num_classes, data.ignore_index)
-    for image, label in data:
+    for i in range(min(limit or len(data), len(data))):
+        image, label = data[i]
         x = torch.from_numpy(normalize(image, meta)).to(device)
         pred = model(x).argmax(1)[0].cpu().numpy()
         cm.update(label, pred)
@@ -173,7 +176,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         train_time = time.time() - t0
         miou = float("nan")
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
-            miou = evaluate(model, val_set, meta, device)
+            miou = evaluate(model, val_set, meta, device, cfg.max_val_images)
         if miou > best:
             best = miou
             save_weights(model, out / "best.safetensors", cfg.model, CAMVID_CLASSES, epoch=str(epoch + 1), val_miou=f"{miou:.4f}")
