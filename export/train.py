@@ -36,7 +36,7 @@ class TrainConfig:
     model: str = "edge_m"
     data: str = "../shared/data/camvid"
     out: str = "runs/edge_m"
-    epochs: int = 80
+    epochs: int = 60
     batch_size: int = 8
     crop: tuple[int, int] = (320, 416)  # (H, W) training crop
     scale: tuple[float, float] = (0.75, 1.5)  # random rescale range
