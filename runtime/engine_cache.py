@@ -48,8 +48,14 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise OSError(f"{path}: folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise OSError(f"{path}: folder {parent} is not writable")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=parent)
     os.close(fd)
+    # mkstemp creates 0600; the finished file gets the permissions a plain open() would give.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     try:
         write(tmp)
         os.replace(tmp, path)
