@@ -87,6 +87,20 @@ def with_logits_output(model_proto: onnx.ModelProto) -> onnx.ModelProto:
     return copy
 
 
+def check_labels_match_logits(labels: np.ndarray, logits: np.ndarray, precision: str) -> None:
+    """The graph's own ArgMax must pick a maximal logit. Below fp32 the runtime may take the
+    ArgMax on values that were not rounded the way the exposed logits are, so near-ties may
+    resolve either way: allow a pick within fp16 rounding (2**-10 relative) of the maximum."""
+    if precision == "fp32":
+        if not np.array_equal(labels, logits.argmax(1)):
+            raise ExportError("the graph's labels disagree with the argmax of its own logits")
+        return
+    picked = np.take_along_axis(logits, labels[:, None].astype(np.int64), 1)[:, 0]
+    best = logits.max(1)
+    if np.any(picked < best - (np.abs(best) * 2.0**-9 + 1e-3)):
+        raise ExportError("the graph's labels disagree with the argmax of its own logits")
+
+
 @dataclass
 class Verification:
     max_abs_diff: float
@@ -133,25 +147,25 @@ def verify_onnx(model: nn.Module, model_bytes: bytes, meta: ModelMeta, size: tup
         logits = outs[-1].astype(np.float32)
         worst = max(worst, float(np.abs(logits - ref).max()))
         labels = outs[0] if meta.output_kind == "labels" else logits.argmax(1)
-        if meta.output_kind == "labels" and not np.array_equal(labels, logits.argmax(1)):
-            raise ExportError("the graph's labels disagree with the argmax of its own logits")
+        if meta.output_kind == "labels":
+            check_labels_match_logits(labels, logits, meta.precision)
         agree += int((labels == ref.argmax(1)).sum())
         total += labels.size
     return Verification(worst, 100.0 * agree / total, len(inputs))
 
 
-def export_onnx(
+def build_onnx(
     model: nn.Module,
     meta: ModelMeta,
-    output: str | Path,
     size: tuple[int, int] | None,
     opset: int = DEFAULT_OPSET,
     max_abs_diff: float = 1e-3,
     min_agreement: float = 99.9,
-) -> Verification:
-    """Export, attach metadata, check, verify against PyTorch, then write atomically."""
-    from .weights import atomic_write
+) -> tuple[onnx.ModelProto, ModelMeta, Verification]:
+    """Export to an in-memory fp32 graph with metadata, checked and verified against PyTorch.
 
+    The precision variants (export/quantize.py) start from this verified graph.
+    """
     if opset < 13:
         raise ExportError(f"--opset {opset}: dilseg needs opset >= 13 (Resize with sizes, int32 casts)")
     dynamic = size is None
@@ -165,16 +179,38 @@ def export_onnx(
         onnx.checker.check_model(proto, full_check=True)
     except onnx.checker.ValidationError as exc:
         raise ExportError(f"exported graph fails onnx.checker: {exc}") from None
-    data = proto.SerializeToString()
     # A dynamic model is verified at a size other than the one it was traced at.
-    check = verify_onnx(model, data, meta, (trace_size[0] + 64, trace_size[1] + 32) if dynamic else trace_size)
+    check = verify_onnx(model, proto.SerializeToString(), meta,
+                        (trace_size[0] + 64, trace_size[1] + 32) if dynamic else trace_size)
     if check.max_abs_diff > max_abs_diff or check.agreement < min_agreement:
         raise ExportError(f"ONNX Runtime disagrees with PyTorch: {check} "
                           f"(limits: diff <= {max_abs_diff}, agreement >= {min_agreement}%); nothing was written")
+    return proto, meta, check
+
+
+def write_onnx(proto: onnx.ModelProto, output: str | Path) -> None:
+    """Write complete or not at all."""
+    from .weights import atomic_write
+
+    data = proto.SerializeToString()
 
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
 
     atomic_write(output, write)
+
+
+def export_onnx(
+    model: nn.Module,
+    meta: ModelMeta,
+    output: str | Path,
+    size: tuple[int, int] | None,
+    opset: int = DEFAULT_OPSET,
+    max_abs_diff: float = 1e-3,
+    min_agreement: float = 99.9,
+) -> Verification:
+    """Export, attach metadata, check, verify against PyTorch, then write atomically."""
+    proto, _, check = build_onnx(model, meta, size, opset, max_abs_diff, min_agreement)
+    write_onnx(proto, output)
     return check

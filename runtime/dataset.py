@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Union
 
 import cv2
 import numpy as np
@@ -93,7 +93,8 @@ class SegmentationDataset:
         if label is None:
             raise DatasetError(f"{path}: cannot be read as a PNG label map")
         if label.ndim != 2 or label.dtype != np.uint8:
-            raise DatasetError(f"{path}: a label map must be 8-bit single-channel, got shape {label.shape} {label.dtype}")
+            raise DatasetError(f"{path}: a label map must be 8-bit single-channel class ids (not a colour image), "
+                               f"got shape {label.shape} {label.dtype}")
         bad = (label >= self.num_classes) & (label != self.ignore_index)
         if bad.any():
             values = sorted(set(np.unique(label[bad]).tolist()))
@@ -119,3 +120,56 @@ def read_image(path: str | Path) -> np.ndarray:
     if image is None:
         raise DatasetError(f"{path}: cannot be read as an image (missing, unreadable or not an image)")
     return image
+
+
+class ImageFolder:
+    """Unlabelled images (a folder of frames): same iteration protocol as a dataset, label None."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.image_dir = Path(folder)
+        if not self.image_dir.is_dir():
+            raise DatasetError(f"{self.image_dir}: no such folder")
+        self.samples = [Sample(p.stem, p, None) for p in list_images(self.image_dir)]
+        if not self.samples:
+            raise DatasetError(f"{self.image_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+        self.num_classes, self.ignore_index = None, None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def read_image(self, i: int) -> np.ndarray:
+        return read_image(self.samples[i].image)
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, None]:
+        return self.read_image(i), None
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, None]]:
+        for i in range(len(self)):
+            yield self[i]
+
+
+Images = Union[SegmentationDataset, ImageFolder]
+
+
+def open_images(root: str | Path, split: str | None = "val", num_classes: int = len(CAMVID_CLASSES),
+                ignore_index: int = CAMVID_IGNORE) -> Images:
+    """A labelled dataset where ``labels/`` exists, otherwise the plain image folder.
+
+    Accepts ``root/split/{images,labels}``, ``root/{images,labels}``, ``root/split/images``,
+    ``root/images`` or a folder of images itself, so `dilseg verify` runs on any of them.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: no such folder; pass a dataset root (images/ + labels/) or a folder of images")
+    base = root / split if split and (root / split).is_dir() else root
+    if (base / "labels").is_dir() and (base / "images").is_dir():
+        return SegmentationDataset(base, None, num_classes, ignore_index)
+    if (base / "images").is_dir():
+        return ImageFolder(base / "images")
+    try:
+        return ImageFolder(base)
+    except DatasetError:
+        hint = f" (looked in {base})" if base != root else ""
+        raise DatasetError(
+            f"{root}: no images found{hint}; expected images/ (+ labels/) or image files ({', '.join(IMAGE_SUFFIXES)})"
+        ) from None
