@@ -1,0 +1,129 @@
+"""Which model and backend the page runs: availability checks, uploads, loading with readable errors."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import tempfile
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from dilseg.runtime.artifact import read_meta
+from dilseg.runtime.backends.base import BackendError, open_backend
+from dilseg.runtime.defaults import default_model_path
+from dilseg.runtime.metadata import MetadataError, ModelMeta
+from dilseg.runtime.segmenter import Segmenter
+
+from .settings import ENV_MODEL
+
+
+class ModelChoiceError(RuntimeError):
+    """The chosen model cannot be used; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class BackendOption:
+    key: str
+    label: str
+    backend: str  # open_backend's name
+    providers: tuple[str, ...] | None  # ONNX Runtime provider aliases
+    reason: str | None  # why it is unavailable here; None when available
+
+
+def _tensorrt_reason() -> str | None:
+    for module, hint in (("tensorrt", "TensorRT's Python bindings are not installed (JetPack ships them; "
+                                      "on a PC: pip install dilseg[trt])"),
+                         ("pycuda", "pycuda is not installed (pip install pycuda)")):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError:
+            return hint
+        except Exception as exc:  # a broken install (missing libnvinfer) is as unavailable as a missing one
+            return f"{module} is installed but does not import ({type(exc).__name__}: {str(exc)[:120]})"
+    if importlib.util.find_spec("dilseg.runtime.backends.tensorrt_backend") is None:
+        return "this dilseg build has no TensorRT backend"
+    return None
+
+
+@lru_cache(maxsize=1)
+def backend_options() -> tuple[BackendOption, ...]:
+    """Every backend the sidebar offers, with the reason an unavailable one cannot run here."""
+    import onnxruntime as ort
+
+    providers = ort.get_available_providers()
+    cuda = None if "CUDAExecutionProvider" in providers else (
+        "this onnxruntime has no CUDA provider (install onnxruntime-gpu and a CUDA runtime)")
+    return (
+        BackendOption("auto", "Auto (best available)", "auto", None, None),
+        BackendOption("tensorrt", "TensorRT", "tensorrt", None, _tensorrt_reason()),
+        BackendOption("ort-cpu", "ONNX Runtime CPU", "onnxruntime", ("cpu",), None),
+        BackendOption("ort-cuda", "ONNX Runtime CUDA", "onnxruntime", ("cuda",), cuda),
+    )
+
+
+def option(key: str) -> BackendOption:
+    for opt in backend_options():
+        if opt.key == key:
+            return opt
+    raise ModelChoiceError(f"unknown backend {key!r}")
+
+
+def launch_model() -> tuple[Path, str]:
+    """The model the page starts with: `dilseg demo --model PATH`, else the shipped default."""
+    given = os.environ.get(ENV_MODEL, "").strip()
+    if given:
+        return Path(given).expanduser(), "from --model"
+    return default_model_path(), "shipped default"
+
+
+def missing_default_message(path: Path) -> str:
+    return (f"The shipped model `{path.name}` is not installed yet (it is written to `{path.parent}` when training "
+            "finishes). Choose **Model file path** or **Upload .onnx** in the sidebar, or start the demo with "
+            "`dilseg demo --model PATH`.")
+
+
+def save_upload(name: str, data: bytes) -> Path:
+    """Keep an uploaded model on disk (ONNX Runtime loads from a path), named by content hash so
+    reruns and other tabs reuse the same file instead of piling up copies."""
+    if not name.lower().endswith(".onnx"):
+        raise ModelChoiceError(f"{name}: upload an .onnx model exported with `dilseg export onnx`")
+    if not data:
+        raise ModelChoiceError(f"{name}: the uploaded file is empty")
+    folder = Path(tempfile.gettempdir()) / "dilseg-demo-models"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{hashlib.sha256(data).hexdigest()[:16]}.onnx"
+    if not path.exists():
+        tmp = path.with_suffix(".part")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return path
+
+
+def check_model(path: Path) -> ModelMeta:
+    """The model's metadata, or a ModelChoiceError that says what is wrong with the file."""
+    if not path.exists():
+        raise ModelChoiceError(f"`{path}`: no such file. Give the path of an .onnx or .engine exported by dilseg.")
+    if path.suffix not in (".onnx", ".engine"):
+        raise ModelChoiceError(f"`{path}`: not an .onnx or .engine file.")
+    try:
+        return read_meta(path)
+    except MetadataError as exc:
+        raise ModelChoiceError(f"This is not a dilseg segmentation model: {exc}") from None
+    except OSError as exc:
+        raise ModelChoiceError(f"`{path}`: cannot read it ({exc})") from None
+
+
+def load_segmenter(path: Path, backend_key: str) -> Segmenter:
+    """Open the backend and wrap it; every failure becomes a ModelChoiceError with the reason."""
+    check_model(path)
+    opt = option(backend_key)
+    if opt.reason:
+        raise ModelChoiceError(f"{opt.label} is not available here: {opt.reason}")
+    kwargs = {"providers": list(opt.providers)} if opt.providers else {}
+    try:
+        return Segmenter(open_backend(path, opt.backend, **kwargs))
+    except (BackendError, MetadataError, ImportError) as exc:
+        raise ModelChoiceError(f"{opt.label} cannot run `{path.name}`: {exc}") from None

@@ -1,0 +1,104 @@
+"""HTTP routes the demo adds beside Streamlit's own: the shared server-camera stream as MJPEG,
+and a JSON view of the live counters (the page's panel, tests and scripts read it).
+
+MJPEG because every browser shows it in a plain <img>, it needs no WebRTC/ICE between a
+Jetson and a laptop, and JPEG-encoding a 640x480 frame costs a few milliseconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import cv2
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.routing import Route
+
+from dilseg.runtime.postprocess import render
+
+from . import shared_camera, webcam
+from .settings import ViewSettings
+
+PREFIX = "/dilseg"
+BOUNDARY = "dilsegframe"
+JPEG_QUALITY = 80
+
+
+def encode_jpeg(result: shared_camera.Result, settings: ViewSettings) -> tuple[bytes, float]:
+    t0 = time.perf_counter()
+    image = render(result.frame, result.labels, result.meta, settings.view, settings.alpha, settings.visible_list)
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:  # pragma: no cover - OpenCV encodes any uint8 BGR image
+        raise RuntimeError("JPEG encoding failed")
+    return buf.tobytes(), (time.perf_counter() - t0) * 1e3
+
+
+async def stream(request: Request):
+    worker = shared_camera.find(request.path_params["worker"])
+    if worker is None:
+        return PlainTextResponse("no such running source; press Start on the page", status_code=404)
+    try:
+        settings = ViewSettings.from_query(dict(request.query_params))
+    except ValueError as exc:
+        return PlainTextResponse(f"bad view settings: {exc}", status_code=400)
+    viewer = request.query_params.get("viewer", "anonymous")
+
+    async def frames():
+        loop = asyncio.get_running_loop()
+        fresh = asyncio.Event()
+
+        def listener() -> None:  # called from the worker thread
+            try:
+                loop.call_soon_threadsafe(fresh.set)
+            except RuntimeError:  # the loop closed under us: the server is shutting down
+                pass
+
+        meter = worker.connect(viewer, listener)
+        seq = 0
+        try:
+            while worker.alive:
+                try:
+                    await asyncio.wait_for(fresh.wait(), 1.0)
+                except asyncio.TimeoutError:
+                    continue
+                fresh.clear()
+                result = worker.latest()
+                if result is None or result.seq <= seq:
+                    continue
+                seq = result.seq
+                # Rendering runs in a thread: the event loop also serves Streamlit.
+                jpeg, ms = await asyncio.to_thread(encode_jpeg, result, settings)
+                meter.tick({"render+jpeg": ms})
+                yield (f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n"
+                       .encode() + jpeg + b"\r\n")
+        finally:
+            worker.disconnect(viewer, listener)
+
+    return StreamingResponse(frames(), media_type=f"multipart/x-mixed-replace; boundary={BOUNDARY}",
+                             headers={"Cache-Control": "no-store"})
+
+
+async def stats(request: Request):
+    return JSONResponse({"cameras": shared_camera.stats(), "webcam": webcam.stats()})
+
+
+class NoGzipForStreams:
+    """Streamlit gzips responses it does not recognise as media; a gzipped MJPEG stream would
+    be buffered instead of streamed, so these routes are served as if the client did not
+    accept gzip."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("path", "").startswith(PREFIX + "/"):
+            scope = dict(scope)
+            scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"accept-encoding"]
+        await self.app(scope, receive, send)
+
+
+ROUTES = [
+    Route(PREFIX + "/stream/{worker}.mjpg", stream),
+    Route(PREFIX + "/stats.json", stats),
+]
