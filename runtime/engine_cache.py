@@ -277,12 +277,15 @@ def user_cache_dir() -> Path:
     return Path(base) / "dilseg" / "engines"
 
 
-def cached_engine_path(onnx_path: str | Path, onnx_sha256: str, precision: str) -> Path:
+def cached_engine_path(onnx_path: str | Path, onnx_sha256: str, precision: str,
+                       writable: bool | None = None) -> Path:
     """Where the engine for an ONNX lives: beside it (``model.fp16.engine``) when that folder is
     writable, else in the user cache (a shipped model inside site-packages usually is not)."""
     onnx_path = Path(onnx_path)
     name = f"{onnx_path.stem}.{precision}.engine"
-    if os.access(onnx_path.parent, os.W_OK):
+    if writable is None:
+        writable = os.access(onnx_path.parent, os.W_OK)
+    if writable:
         return onnx_path.with_name(name)
     return user_cache_dir() / f"{onnx_path.stem}-{onnx_sha256[:12]}.{precision}.engine"
 
