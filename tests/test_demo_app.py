@@ -1,0 +1,448 @@
+"""The demo page through Streamlit's AppTest: controls, uploads and the shared server camera,
+checked against what the Segmenter itself produces on the same input.
+
+The model is a freshly initialised edge_s exported at 64x96 with a fixed seed: its masks
+are arbitrary but deterministic, and every expected value is computed here with the runtime,
+never written down.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+pytest.importorskip("streamlit")
+pytest.importorskip("streamlit_webrtc")
+
+import streamlit.testing.v1.app_test as app_test_module  # noqa: E402
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from dilseg.demo import shared_camera  # noqa: E402
+from dilseg.demo.settings import ENV_MODEL  # noqa: E402
+from dilseg.runtime.backends import open_backend  # noqa: E402
+from dilseg.runtime.postprocess import colorize, palette_bgr, render  # noqa: E402
+from dilseg.runtime.segmenter import Segmenter  # noqa: E402
+
+APP = str(Path(__file__).resolve().parents[1] / "demo" / "app.py")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """edge_s, random weights (seeded), 64x96, exported and verified like any dilseg ONNX."""
+    torch = pytest.importorskip("torch")
+    from dilseg.export.onnx_export import export_onnx
+    from dilseg.export.train import camvid_meta
+    from dilseg.export.zoo import create_model
+
+    path = tmp_path_factory.getbasetemp() / "demo_edge_s_64x96.onnx"
+    if not path.exists():
+        torch.manual_seed(0)
+        export_onnx(create_model("edge_s"), camvid_meta("edge_s"), path, (64, 96))
+    return path
+
+
+@pytest.fixture(scope="module")
+def segmenter(model) -> Segmenter:
+    return Segmenter(open_backend(model))
+
+
+@pytest.fixture
+def downloads(monkeypatch):
+    """Read what a download button serves: keep a handle on AppTest's in-memory media store
+    (the real one, only remembered) and look files up by the button's URL."""
+    stores = []
+
+    class Remembered(app_test_module.MemoryMediaFileStorage):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            stores.append(self)
+
+    monkeypatch.setattr(app_test_module, "MemoryMediaFileStorage", Remembered)
+
+    def fetch(button) -> bytes:
+        name = button.proto.url.rsplit("/", 1)[-1]
+        for store in reversed(stores):
+            try:
+                return store.get_file(name).content
+            except Exception:
+                continue
+        raise AssertionError(f"no media file behind {button.label!r} ({button.proto.url})")
+
+    return fetch
+
+
+def app(monkeypatch, model: Path | None, source: str = "image") -> AppTest:
+    if model is None:
+        monkeypatch.delenv(ENV_MODEL, raising=False)
+    else:
+        monkeypatch.setenv(ENV_MODEL, str(model))
+    at = AppTest.from_file(APP, default_timeout=60)
+    # The browser webcam needs a live Streamlit server (the end-to-end test covers it).
+    at.session_state["source"] = source
+    return at.run()
+
+
+def messages(at: AppTest, kind: str = "error") -> str:
+    return "\n".join(e.value for e in getattr(at, kind)) + "\n".join(e.value for e in getattr(at.sidebar, kind))
+
+
+def picture_of_blocks(h: int = 120, w: int = 160) -> np.ndarray:
+    img = np.zeros((h, w, 3), np.uint8)
+    img[: h // 2, : w // 2] = (40, 40, 220)
+    img[: h // 2, w // 2:] = (200, 80, 20)
+    img[h // 2:, : w // 2] = (40, 160, 60)
+    img[h // 2:, w // 2:] = (0, 220, 255)
+    img[h // 3: h // 3 + 10] = (250, 250, 250)
+    return img
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    return cv2.imencode(".png", image)[1].tobytes()
+
+
+def decode(data: bytes, flags=cv2.IMREAD_UNCHANGED) -> np.ndarray:
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    assert image is not None, "the download is not a decodable PNG"
+    return image
+
+
+def buttons(at: AppTest) -> dict:
+    return {b.label: b for b in at.get("download_button")}
+
+
+# ---------------------------------------------------------------------------------- controls
+
+
+def test_sidebar_offers_models_backends_views_and_sources(monkeypatch, model):
+    at = app(monkeypatch, model)
+    assert not at.exception
+    radios = {r.label: r for r in at.sidebar.radio}
+    assert radios["Model"].options == ["Default model", "Model file path", "Upload .onnx"]
+    assert radios["View"].options == ["overlay", "mask", "side-by-side"]
+    assert radios["Source"].options == ["Browser webcam", "Server camera or stream", "Upload image", "Upload video"]
+    # Every backend is listed; those this machine cannot run sit in a disabled group with the reason.
+    import onnxruntime as ort
+
+    offered = radios["Backend"].options
+    assert offered[0] == "Auto (best available)" and "ONNX Runtime CPU" in offered
+    unavailable = radios.get("Unavailable here")
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    assert ("ONNX Runtime CUDA" in offered) == has_cuda
+    if unavailable is not None:
+        assert unavailable.proto.disabled
+        assert set(unavailable.options) | set(offered) == {"Auto (best available)", "TensorRT", "ONNX Runtime CPU",
+                                                           "ONNX Runtime CUDA"}
+        reasons = list(unavailable.proto.captions)
+        assert len(reasons) == len(unavailable.options) and all(len(r) > 20 for r in reasons)
+        if not has_cuda:
+            assert "onnxruntime-gpu" in reasons[unavailable.options.index("ONNX Runtime CUDA")]
+    # The loaded model is described, and its classes are the "classes to show".
+    assert any("edge_s" in c.value and "64x96" in c.value for c in at.sidebar.caption)
+    classes = at.sidebar.multiselect[0]
+    assert len(classes.value) == 11 and classes.format_func(0) == "Sky"
+    assert at.sidebar.slider(key="alpha").value == 0.5
+
+
+def test_missing_shipped_model_gives_a_message_and_a_way_out(monkeypatch, tmp_path, model):
+    monkeypatch.setattr("dilseg.demo.loading.default_model_path", lambda: tmp_path / "edge_m_camvid.onnx")
+    at = app(monkeypatch, None)
+    assert not at.exception
+    text = messages(at, "info") + messages(at, "warning")
+    assert "edge_m_camvid.onnx" in text and "--model" in text
+    # Pointing the sidebar at a model file makes the page usable without restarting.
+    at.sidebar.radio(key="model_kind").set_value("path").run()
+    at.sidebar.text_input(key="model_path").input(str(model)).run()
+    assert not messages(at)
+    assert any(b.label == "Image" for b in at.file_uploader)
+
+
+# ---------------------------------------------------------------------------------- image
+
+
+def test_uploaded_image_downloads_match_the_segmenter(monkeypatch, model, segmenter, downloads):
+    at = app(monkeypatch, model)
+    image = picture_of_blocks()
+    at.file_uploader(key="image_upload").upload("blocks.png", png_bytes(image), "image/png").run()
+    assert not at.exception and not messages(at)
+    expected = segmenter(image).labels
+    assert len(np.unique(expected)) > 1, "test precondition: the model should give more than one class here"
+
+    got = buttons(at)
+    labels = decode(downloads(got["Label PNG (class ids)"]))
+    assert labels.dtype == np.uint8 and labels.ndim == 2
+    np.testing.assert_array_equal(labels, expected)
+    mask = decode(downloads(got["Colour mask (PNG)"]), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(mask, colorize(expected, palette_bgr(segmenter.meta)))
+    shown = decode(downloads(got["Picture (PNG)"]), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(shown, render(image, expected, segmenter.meta, "overlay", 0.5))
+    # The legend reports the class areas of this very mask.
+    top = int(np.bincount(expected.ravel()).argmax())
+    share = 100.0 * (expected == top).mean()
+    legend = "\n".join(m.value for m in at.markdown)
+    assert f"{segmenter.meta.classes[top]} <code>{share:5.1f}%</code>" in legend
+
+
+def test_view_alpha_and_class_controls_change_the_result(monkeypatch, model, segmenter, downloads):
+    at = app(monkeypatch, model)
+    image = picture_of_blocks()
+    at.file_uploader(key="image_upload").upload("blocks.png", png_bytes(image), "image/png").run()
+    labels = segmenter(image).labels
+    present = sorted(int(c) for c in np.unique(labels))
+    hidden = present[0]
+    keep = [c for c in range(11) if c != hidden]
+
+    at.sidebar.radio(key="view").set_value("side-by-side")
+    at.sidebar.slider(key="alpha").set_value(0.8)
+    at.sidebar.multiselect[0].set_value(keep)
+    at.run()
+    assert not at.exception and not messages(at)
+    got = buttons(at)
+    shown = decode(downloads(got["Picture (PNG)"]), cv2.IMREAD_COLOR)
+    assert shown.shape == (image.shape[0], image.shape[1] * 2, 3)
+    np.testing.assert_array_equal(shown, render(image, labels, segmenter.meta, "side-by-side", 0.8, keep))
+    # Hidden class: black in the colour mask, untouched picture pixels in the overlay half.
+    mask = decode(downloads(got["Colour mask (PNG)"]), cv2.IMREAD_COLOR)
+    assert (mask[labels == hidden] == 0).all() and (mask[labels != hidden] != 0).any(axis=-1).all()
+    right = shown[:, image.shape[1]:]
+    np.testing.assert_array_equal(right[labels == hidden], image[labels == hidden])
+    # The label PNG stays the model's output whatever is shown.
+    np.testing.assert_array_equal(decode(downloads(got["Label PNG (class ids)"])), labels)
+
+    at.sidebar.radio(key="view").set_value("mask").run()
+    shown = decode(downloads(buttons(at)["Picture (PNG)"]), cv2.IMREAD_COLOR)
+    np.testing.assert_array_equal(shown, colorize(labels, palette_bgr(segmenter.meta, keep)))
+
+
+def test_non_image_upload_is_reported_and_the_page_recovers(monkeypatch, model, segmenter, downloads):
+    at = app(monkeypatch, model)
+    at.file_uploader(key="image_upload").upload("notes.png", b"these are meeting notes, not pixels", "image/png")
+    at.run()
+    assert not at.exception
+    assert "`notes.png` is not an image" in messages(at)
+    assert not at.get("download_button")
+    image = picture_of_blocks(90, 120)
+    at.file_uploader(key="image_upload").set_value(("ok.jpg", cv2.imencode(".jpg", image)[1].tobytes(), "image/jpeg"))
+    at.run()
+    assert not messages(at)
+    decoded = cv2.imdecode(cv2.imencode(".jpg", image)[1], cv2.IMREAD_COLOR)
+    labels = decode(downloads(buttons(at)["Label PNG (class ids)"]))
+    np.testing.assert_array_equal(labels, segmenter(decoded).labels)
+
+
+# ---------------------------------------------------------------------------------- video
+
+
+def write_clip(path: Path, frames: list[np.ndarray], fps: float = 10.0) -> Path:
+    h, w = frames[0].shape[:2]
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    assert writer.isOpened()
+    for f in frames:
+        writer.write(f)
+    writer.release()
+    return path
+
+
+def read_all(data: bytes, tmp_path: Path) -> list[np.ndarray]:
+    path = tmp_path / "download.mp4"
+    path.write_bytes(data)
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(frame)
+    cap.release()
+    return frames
+
+
+def test_uploaded_video_is_segmented_frame_by_frame(monkeypatch, tmp_path, model, segmenter, downloads):
+    base = picture_of_blocks(96, 128)
+    frames = [np.roll(base, 8 * i, axis=1) for i in range(6)]
+    clip = write_clip(tmp_path / "clip.avi", frames)
+    at = app(monkeypatch, model, source="video")
+    at.file_uploader(key="video_upload").upload("clip.avi", clip.read_bytes(), "video/x-msvideo").run()
+    assert not at.exception and not messages(at)
+    assert at.get("progress") and "Done: 6 frames" in at.get("progress")[-1].proto.text
+    out = read_all(downloads(buttons(at)["Download the segmented video (MP4)"]), tmp_path)
+    assert len(out) == len(frames)
+    # What came in: the decoded AVI frames; what should come out: their overlays (H.264 is lossy).
+    cap = cv2.VideoCapture(str(clip))
+    for got in out:
+        ok, src = cap.read()
+        assert ok
+        want = render(src, segmenter(src).labels, segmenter.meta, "overlay", 0.5)
+        err = np.abs(got.astype(int) - want.astype(int)).mean()
+        raw = np.abs(got.astype(int) - src.astype(int)).mean()
+        assert err < 6 and err < raw / 3, f"output frame differs from the expected overlay ({err:.1f} vs raw {raw:.1f})"
+    cap.release()
+
+
+def test_corrupt_video_is_reported_and_the_page_recovers(monkeypatch, tmp_path, model):
+    at = app(monkeypatch, model, source="video")
+    at.file_uploader(key="video_upload").upload("broken.mp4", b"\x00\x00\x00\x18ftypmp42" + b"\x13" * 4000,
+                                                 "video/mp4").run()
+    assert not at.exception
+    assert "`broken.mp4` cannot be decoded as a video" in messages(at)
+    clip = write_clip(tmp_path / "ok.avi", [picture_of_blocks(64, 96)] * 3)
+    at.file_uploader(key="video_upload").set_value(("ok.avi", clip.read_bytes(), "video/x-msvideo")).run()
+    assert not messages(at)
+    assert "Download the segmented video (MP4)" in buttons(at)
+
+
+# ---------------------------------------------------------------------------------- models
+
+
+def test_onnx_that_is_not_a_dilseg_model_is_rejected_readably(monkeypatch, tmp_path, model):
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "not-seg",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 8, 8])])
+    plain = onnx.helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    at = app(monkeypatch, model)
+    at.sidebar.radio(key="model_kind").set_value("upload").run()
+    at.sidebar.file_uploader(key="model_upload").upload("relu.onnx", plain.SerializeToString()).run()
+    assert not at.exception
+    text = messages(at)
+    assert "not a dilseg segmentation model" in text and "no dilseg metadata" in text
+    at.sidebar.file_uploader(key="model_upload").set_value(("junk.onnx", b"not protobuf at all" * 10,
+                                                            "application/octet-stream")).run()
+    assert "not a loadable ONNX model" in messages(at)
+    # An uploaded real model works, and so does going back to the default.
+    at.sidebar.file_uploader(key="model_upload").set_value(("edge_s.onnx", model.read_bytes(),
+                                                            "application/octet-stream")).run()
+    assert not messages(at) and any("edge_s" in c.value for c in at.sidebar.caption)
+    at.sidebar.radio(key="model_kind").set_value("path").run()
+    at.sidebar.text_input(key="model_path").input(str(tmp_path / "nope.onnx")).run()
+    assert "no such file" in messages(at)
+
+
+# ---------------------------------------------------------------------------------- server camera
+
+
+@pytest.fixture
+def cameras():
+    yield
+    shared_camera.stop_all()
+
+
+def wait_for(condition, timeout: float = 20.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def start_server_source(at: AppTest, spec: str) -> AppTest:
+    at.text_input(key="server_spec").input(spec)
+    return at.button(key="server_start").click().run()
+
+
+def test_missing_camera_is_reported_and_the_page_recovers(monkeypatch, model, cameras):
+    at = app(monkeypatch, model, source="server")
+    start_server_source(at, "7")
+    assert not at.exception
+    assert "Cannot open `7`" in messages(at) and "no camera at index 7" in messages(at)
+    start_server_source(at, "/no/such/clip.mp4")
+    assert "no such file" in messages(at)
+    start_server_source(at, "test://64x48?fps=20")
+    assert not messages(at) and shared_camera.running("test://64x48?fps=20") is not None
+
+
+def test_two_tabs_share_one_worker_and_one_open(monkeypatch, model, segmenter, cameras):
+    spec = "test://160x120?fps=25"
+    opened_before = shared_camera.stats()["opened"].get(spec, 0)
+    first = start_server_source(app(monkeypatch, model, source="server"), spec)
+    second = start_server_source(app(monkeypatch, model, source="server"), spec)
+    worker = shared_camera.running(spec)
+    assert worker is not None and worker.alive
+    assert shared_camera.stats()["opened"][spec] == opened_before + 1, "the second tab opened the source again"
+    for at in (first, second):
+        assert not at.exception and not messages(at)
+        imgs = [h.proto.body for h in at.get("html") if "dilseg-stream" in h.proto.body]
+        assert imgs and f"dilseg/stream/{worker.id}.mjpg?view=overlay" in imgs[0]
+    # The shared worker segments with the page's model: its newest result is the Segmenter's
+    # output on that very frame.
+    wait_for(lambda: worker.meter.snapshot()["frames"] >= 5, what="the worker to process frames")
+    result = worker.latest()
+    np.testing.assert_array_equal(result.labels, segmenter(result.frame).labels)
+    from dilseg.runtime.sources import test_frame
+
+    np.testing.assert_array_equal(result.frame, test_frame(result.index, 160, 120))
+
+
+# ---------------------------------------------------------------------------------- small parts
+
+
+def test_view_settings_round_trip_through_the_stream_url():
+    from dilseg.demo.settings import ViewSettings
+
+    s = ViewSettings("side-by-side", 0.25, (0, 3, 7))
+    assert ViewSettings.from_query(s.to_query()) == s
+    assert ViewSettings.from_query("") == ViewSettings()
+    with pytest.raises(ValueError, match="view must be one of"):
+        ViewSettings.from_query("view=sepia")
+    with pytest.raises(ValueError, match="alpha"):
+        ViewSettings.from_query("alpha=3")
+
+
+def test_ice_servers_default_to_none_and_come_from_the_launcher(monkeypatch):
+    from dilseg.demo.cli import ice_servers_json
+    from dilseg.demo.settings import ENV_ICE, ice_servers, rtc_configuration
+    from dilseg.runtime.cli import CliError
+
+    monkeypatch.delenv(ENV_ICE, raising=False)
+    assert rtc_configuration() == {"iceServers": []}
+    monkeypatch.setenv(ENV_ICE, ice_servers_json(["stun:stun.example.org:3478", "turn:turn.example.org"], "u", "p"))
+    assert ice_servers() == [{"urls": ["stun:stun.example.org:3478"]},
+                             {"urls": ["turn:turn.example.org"], "username": "u", "credential": "p"}]
+    with pytest.raises(CliError, match="stun:"):
+        ice_servers_json(["http://example.org"], None, None)
+    monkeypatch.setenv(ENV_ICE, "[{")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ice_servers()
+
+
+def test_meter_counts_frames_and_averages_stages():
+    from dilseg.demo.meter import Meter
+
+    m = Meter(window_s=5.0)
+    for i in range(6):
+        m.tick({"infer": 2.0 * (i % 2 + 1)})
+        time.sleep(0.01)
+    snap = m.snapshot()
+    assert snap["frames"] == 6 and snap["latency_ms"] == {"infer": 3.0}
+    assert 20 < snap["fps"] < 120
+
+
+def test_demo_command_help_and_errors(capsys, tmp_path):
+    from dilseg.runtime.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    out = capsys.readouterr().out
+    assert "dilseg demo --port 8600 --model edge_m.onnx" in out and "--ice-server" in out
+    assert main(["demo", "--model", str(tmp_path / "missing.onnx")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["demo", "--port", "70000"]) == 2
+
+
+def test_demo_command_runs_streamlit_headless_without_telemetry():
+    import argparse
+
+    from dilseg.demo.cli import streamlit_command
+
+    cmd = streamlit_command(argparse.Namespace(port=8642, address="127.0.0.1"))
+    assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("server.py") and Path(cmd[4]).is_file()
+    joined = " ".join(cmd)
+    assert "--server.headless true" in joined and "--server.port 8642" in joined
+    assert "--browser.gatherUsageStats false" in joined and "--server.address 127.0.0.1" in joined
