@@ -498,13 +498,16 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
     config.set_timing_cache(timing_cache, False)
 
     bars = PhaseBars(enabled=options.progress)
-    if caps.progress_monitor and options.progress:
-        config.progress_monitor = make_progress_monitor(trt, bars)
+    # TensorRT does not own the monitor: it must outlive the build, so it is held here.
+    monitor = make_progress_monitor(trt, bars) if caps.progress_monitor and options.progress else None
+    if monitor is not None:
+        config.progress_monitor = monitor
     t0 = time.perf_counter()
     try:
         serialized = builder.build_serialized_network(network, config)
     finally:
         bars.close()
+        del monitor
     seconds = time.perf_counter() - t0
     if bars.cancel:
         raise BuildError("build cancelled; nothing was written")

@@ -1,0 +1,305 @@
+"""The TensorRT backend: clear errors where TensorRT/pycuda are missing (runs everywhere), and
+build -> run -> parity with ONNX Runtime where they are present (marked gpu + tensorrt)."""
+
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from dilseg.runtime.backends import BackendError, open_backend
+
+HAVE_TRT = subprocess.run([sys.executable, "-c", "import tensorrt"], capture_output=True).returncode == 0
+HAVE_PYCUDA = subprocess.run([sys.executable, "-c", "import pycuda.driver"], capture_output=True).returncode == 0
+
+
+class _SmallOnnx:
+    """edge_s exported at 64x96 ("fixed") or with dynamic H/W ("dynamic"), each on first use and
+    kept in the session's base temp folder, so every TensorRT test file shares one export."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __getitem__(self, kind):
+        path = self.base / f"trt_edge_s_{'64x96' if kind == 'fixed' else 'dynamic'}.onnx"
+        if not path.exists():
+            import torch
+
+            from dilseg.export.onnx_export import export_onnx
+            from dilseg.export.train import camvid_meta
+            from dilseg.export.zoo import create_model
+
+            torch.manual_seed(0)
+            export_onnx(create_model("edge_s"), camvid_meta("edge_s"), path, (64, 96) if kind == "fixed" else None)
+        return path
+
+
+@pytest.fixture(scope="session")
+def trt_onnx(tmp_path_factory):
+    return _SmallOnnx(tmp_path_factory.getbasetemp())
+
+
+def frames(n=4, h=120, w=160, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    out = []
+    for i in range(n):
+        base = np.stack([xx / w * 255, yy / h * 255, 128 + 90 * np.sin((xx + 9 * i) / 6)], -1)
+        out.append(np.clip(base + rng.normal(0, 20, (h, w, 3)), 0, 255).astype(np.uint8))
+    return out
+
+
+# -- without TensorRT / pycuda: the real import failures -----------------------------------------
+
+@pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here; the missing-TensorRT path cannot be exercised")
+def test_missing_tensorrt_is_a_clear_backend_error(trt_onnx):
+    with pytest.raises(BackendError) as err:
+        open_backend(trt_onnx["fixed"], backend="tensorrt")
+    msg = str(err.value)
+    assert "needs the tensorrt Python package" in msg and "pip install 'dilseg[trt]'" in msg
+    assert "JetPack" in msg and "--system-site-packages" in msg and "--backend onnxruntime" in msg
+
+
+@pytest.mark.skipif(HAVE_PYCUDA, reason="pycuda is installed here")
+def test_missing_pycuda_is_a_clear_backend_error():
+    from dilseg.runtime.backends.tensorrt_backend import import_pycuda
+
+    with pytest.raises(BackendError, match=r"needs pycuda, which is missing.*dilseg\[trt\]"):
+        import_pycuda()
+    from dilseg.runtime.cuda_preprocess import import_pycuda as kernels_pycuda
+
+    with pytest.raises(ImportError, match="nvcc"):
+        kernels_pycuda()
+
+
+def test_backend_rejects_other_files(tmp_path):
+    (tmp_path / "m.pt").write_bytes(b"x")
+    from dilseg.runtime.backends.tensorrt_backend import TensorRTBackend
+
+    with pytest.raises(BackendError, match="runs a .engine .* or builds one from an .onnx"):
+        TensorRTBackend(tmp_path / "m.pt")
+    with pytest.raises(BackendError, match="no such model file"):
+        TensorRTBackend(tmp_path / "none.engine")
+
+
+# -- with TensorRT and a GPU ---------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gpu():
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (GPU test)")
+    cuda = pytest.importorskip("pycuda.driver", reason="pycuda is not installed (GPU test)")
+    try:
+        cuda.init()
+        if cuda.Device.count() == 0:
+            pytest.skip("no CUDA device")
+    except Exception as exc:
+        pytest.skip(f"no usable CUDA driver: {exc}")
+    return cuda
+
+
+@pytest.fixture(scope="module")
+def engine(gpu, trt_onnx, tmp_path_factory):
+    from dilseg.export.trt_build import BuildOptions, build_engine
+
+    path = tmp_path_factory.mktemp("engine") / "edge_s.engine"
+    result = build_engine(trt_onnx["fixed"], path, BuildOptions(progress=False))
+    return path, result
+
+
+def ort_labels(onnx_path, tensor):
+    from dilseg.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+
+    with OnnxRuntimeBackend(onnx_path) as ort:
+        return ort.infer(tensor)
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_build_writes_engine_and_sidecar(engine, trt_onnx):
+    import tensorrt as trt
+
+    from dilseg.runtime.artifact import read_meta, read_onnx_meta
+    from dilseg.runtime.engine_cache import sha256_file
+    from dilseg.runtime.trt_compat import parse_version
+
+    path, result = engine
+    side = result.sidecar
+    assert path.is_file() and side["engine_sha256"] == sha256_file(path)
+    assert side["onnx_sha256"] == sha256_file(trt_onnx["fixed"]) and side["precision"] == "fp32"
+    assert side["tensorrt_version"] == str(parse_version(trt.__version__))
+    assert side["profile"]["min"] == [1, 3, 64, 96] and side["gpu_name"] and side["compute_capability"]
+    assert [t["dtype"] for t in side["io"] if t["mode"] == "output"] == ["int32"]
+    assert read_meta(path) == read_onnx_meta(trt_onnx["fixed"])
+    assert result.seconds > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_engine_matches_onnxruntime(engine, trt_onnx):
+    from dilseg.runtime.preprocess import preprocess
+
+    path, _ = engine
+    with open_backend(path, backend="tensorrt") as be:
+        agree = total = 0
+        for f in frames(6, 64, 96):
+            x = preprocess(f, be.meta)
+            got = be.infer(x)
+            ref = ort_labels(trt_onnx["fixed"], x)
+            assert got.shape == ref.shape == (1, 64, 96) and got.dtype == np.int32
+            agree += int((got == ref).sum())
+            total += got.size
+            assert set(be.last_timings) == {"upload", "infer", "download"}
+        # fp32 engine; TF32 (TensorRT's default on Ampere+) may flip near-tie pixels only.
+        assert agree / total >= 0.995, f"agreement {agree / total:.4%}"
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_gpu_preprocess_and_render_match_cpu_path(engine):
+    from dilseg.runtime.postprocess import postprocess, render
+    from dilseg.runtime.preprocess import preprocess
+
+    path, _ = engine
+    with open_backend(path, backend="tensorrt") as be:
+        for f in frames(3, 360, 480, seed=3):
+            gpu_out = be.infer_frame(f)
+            assert {"upload", "preprocess", "infer", "download"} <= set(be.last_timings)
+            cpu_in = preprocess(f, be.meta)
+            cpu_out = be.infer(cpu_in)
+            # Same input up to OpenCV's rounding -> same labels on all but a handful of pixels.
+            assert (gpu_out == cpu_out).mean() >= 0.999
+            be.infer_frame(f)
+            picture, big = be.render_last(alpha=0.5)
+            labels = postprocess(gpu_out, be.meta, f.shape)
+            np.testing.assert_array_equal(big, labels)
+            assert np.abs(picture.astype(int) - render(f, labels, be.meta).astype(int)).max() <= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_cuda_graph_gives_same_labels(engine):
+    from dilseg.runtime.artifact import read_meta
+    from dilseg.runtime.preprocess import preprocess
+
+    path, _ = engine
+    xs = [preprocess(f, read_meta(path)) for f in frames(3, 64, 96, seed=5)]
+    with open_backend(path, backend="tensorrt") as plain, open_backend(path, backend="tensorrt", cuda_graph=True) as g:
+        for x in xs:
+            np.testing.assert_array_equal(g.infer(x), plain.infer(x))
+        assert all(b.graph is not None or b.graph_failed for b in g._buffers.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_inference_in_a_worker_thread(engine):
+    from dilseg.runtime.artifact import read_meta
+    from dilseg.runtime.preprocess import preprocess
+
+    path, _ = engine
+    x = preprocess(frames(1, 64, 96)[0], read_meta(path))
+    be = open_backend(path, backend="tensorrt")  # loaded here, used in another thread
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("labels", be.infer(x)))
+    t.start()
+    t.join()
+    np.testing.assert_array_equal(out["labels"], be.infer(x))
+    be.close()
+    be.close()  # idempotent
+    with pytest.raises(BackendError, match="not loaded"):
+        be.infer(x)
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_damaged_or_foreign_engines_refused(engine, tmp_path):
+    import json
+
+    from dilseg.runtime.artifact import sidecar_path
+    from dilseg.runtime.engine_cache import EngineError
+
+    path, _ = engine
+    cut = tmp_path / "cut.engine"
+    cut.write_bytes(path.read_bytes()[:1000])
+    shutil.copy(sidecar_path(path), sidecar_path(cut))
+    with pytest.raises(EngineError, match="truncated"):
+        open_backend(cut, backend="tensorrt")
+    foreign = tmp_path / "foreign.engine"
+    shutil.copy(path, foreign)
+    side = json.loads(sidecar_path(path).read_text())
+    side["tensorrt_version"] = "9.9.0"
+    sidecar_path(foreign).write_text(json.dumps(side))
+    with pytest.raises(EngineError, match="built with TensorRT 9.9.0"):
+        open_backend(foreign, backend="tensorrt")
+    lonely = tmp_path / "lonely.engine"
+    shutil.copy(path, lonely)
+    with pytest.raises(EngineError, match="no sidecar"):
+        open_backend(lonely, backend="tensorrt")
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_onnx_builds_once_then_reuses_then_rebuilds(gpu, trt_onnx, tmp_path):
+    onnx = tmp_path / "model.onnx"
+    shutil.copy(trt_onnx["fixed"], onnx)
+    messages = []
+    with open_backend(onnx, backend="tensorrt", progress=False, log=messages.append) as be:
+        assert not be.decision.reuse and be.decision.reasons == ["no cached engine yet"]
+        engine_path = be.engine_path
+    assert engine_path == tmp_path / "model.fp32.engine" and engine_path.is_file()
+    with open_backend(onnx, backend="tensorrt", progress=False, log=messages.append) as be:
+        assert be.decision.reuse
+    shutil.copy(trt_onnx["dynamic"], onnx)  # a different ONNX under the same name
+    with open_backend(onnx, backend="tensorrt", progress=False, log=messages.append, opt_shape="1x3x64x96") as be:
+        assert not be.decision.reuse and any("the ONNX changed" in r for r in be.decision.reasons)
+    assert any(m.startswith("building") for m in messages) and any(m.startswith("reusing") for m in messages)
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_dynamic_engine_profile(gpu, trt_onnx, tmp_path):
+    from dilseg.export.trt_build import BuildOptions, build_engine
+
+    path = tmp_path / "dyn.engine"
+    build_engine(trt_onnx["dynamic"], path, BuildOptions(min_shape="1x3x64x64", opt_shape="1x3x64x96",
+                                                         max_shape="1x3x128x160", progress=False))
+    with open_backend(path, backend="tensorrt") as be:
+        for h, w in ((64, 64), (128, 160), (64, 96)):
+            x = np.zeros((1, 3, h, w), np.float32)
+            assert be.infer(x).shape == (1, h, w)
+            np.testing.assert_array_equal(be.infer(x), ort_labels(trt_onnx["dynamic"], x))
+        with pytest.raises(BackendError, match="outside the engine's shape profile"):
+            be.infer(np.zeros((1, 3, 256, 256), np.float32))
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_fp16_flag_by_version(gpu, trt_onnx, tmp_path):
+    import tensorrt as trt
+
+    from dilseg.export.trt_build import BuildError, BuildOptions, build_engine
+    from dilseg.runtime.preprocess import preprocess
+    from dilseg.runtime.trt_compat import describe
+
+    opts = BuildOptions(fp16=True, progress=False)
+    if not describe(trt.__version__).weak_typing:
+        with pytest.raises(BuildError, match="strongly typed only"):
+            build_engine(trt_onnx["fixed"], tmp_path / "h.engine", opts)
+        return
+    result = build_engine(trt_onnx["fixed"], tmp_path / "h.engine", opts)
+    assert result.sidecar["precision"] == "fp16"
+    with open_backend(tmp_path / "h.engine", backend="tensorrt") as be:
+        x = preprocess(frames(1, 64, 96)[0], be.meta)
+        assert (be.infer(x) == ort_labels(trt_onnx["fixed"], x)).mean() >= 0.95
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_cli_build_with_timing_cache(gpu, trt_onnx, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "dilseg.runtime.cli", "build", str(trt_onnx["fixed"]), "-o",
+                        str(tmp_path / "m.engine"), "--timing-cache", str(tmp_path / "t.cache"), "--no-progress"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "built" in r.stdout and " s: fp32 engine for " in r.stdout
+    assert (tmp_path / "t.cache").stat().st_size > 0 and (tmp_path / "m.engine.json").is_file()
