@@ -156,7 +156,8 @@ def show_panel(snap: dict, labels, meta: ModelMeta | None, visible, displayed: d
     cols[0].metric("Processed FPS", f"{snap['fps']:.1f}")
     cols[1].metric("Frames processed", snap["frames"])
     if displayed is not None:
-        cols[2].metric("Displayed FPS (this tab)", f"{displayed.get('fps', 0.0):.1f}")
+        cols[2].metric("Displayed FPS", f"{displayed.get('fps', 0.0):.1f}",
+                       help="Frames per second sent to this tab's stream")
     latency = dict(snap.get("latency_ms", {}))
     if displayed:
         latency.update(displayed.get("latency_ms", {}))
