@@ -507,7 +507,6 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
         serialized = builder.build_serialized_network(network, config)
     finally:
         bars.close()
-        del monitor
     seconds = time.perf_counter() - t0
     if bars.cancel:
         raise BuildError("build cancelled; nothing was written")
