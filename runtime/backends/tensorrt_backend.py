@@ -134,7 +134,8 @@ class TensorRTBackend:
                  rebuild: bool = False, progress: bool = True, log: Callable[[str], None] | None = None,
                  **unknown) -> None:
         if unknown:
-            raise BackendError(f"the TensorRT backend has no option(s) {', '.join(sorted(unknown))}")
+            hint = " (threads and providers are ONNX Runtime options)" if {"threads", "providers"} & set(unknown) else ""
+            raise BackendError(f"the TensorRT backend has no option(s) {', '.join(sorted(unknown))}{hint}")
         self.path = Path(path)
         suffix = self.path.suffix.lower()
         if suffix not in (".engine", ".onnx"):
