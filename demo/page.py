@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import html
 import os
+import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -250,6 +252,9 @@ def server_source(segmenter: Segmenter, settings: ViewSettings) -> None:
             url = f"dilseg/stream/{worker.id}.mjpg?{settings.to_query()}&viewer={viewer}"
             st.html(f'<img id="dilseg-stream" alt="segmented stream of {html.escape(running)}" '
                     f'src="{html.escape(url)}" style="width:100%;border-radius:4px">')
+            st.caption("Every tab watching this source shares one capture-and-inference worker (with the model "
+                       "chosen last). Stop closes this tab's stream; the source closes once no tab has watched "
+                       f"it for {shared_camera.IDLE_S:.0f} s.")
     if running:
         with panel:
             server_panel(running, session_id(), settings.visible)
@@ -295,17 +300,25 @@ def video_source(segmenter: Segmenter, settings: ViewSettings, model_key: tuple)
         path = folder / Path(upload.name).name
         path.write_bytes(upload.getvalue())
         bar = st.progress(0.0, text="Segmenting…")
+        shown = [0.0]
+
+        def progress(i: int, n: int) -> None:
+            # A few updates a second: one per frame would flood the browser connection.
+            if time.monotonic() - shown[0] > 0.2:
+                shown[0] = time.monotonic()
+                bar.progress(min(i / n, 1.0), text=f"Segmenting frame {i} of {n}")
+
         try:
-            result = segment_video(path, segmenter, settings, progress=lambda i, n: bar.progress(
-                min(i / n, 1.0), text=f"Segmenting frame {i} of {n}"), out_dir=folder)
+            result = segment_video(path, segmenter, settings, progress=progress, out_dir=folder)
+            data = result.path.read_bytes()
         except MediaError as exc:
             bar.empty()
             st.error(str(exc))
             return
         finally:
-            path.unlink(missing_ok=True)
+            shutil.rmtree(folder, ignore_errors=True)  # the result now lives in the session
         bar.progress(1.0, text=f"Done: {result.frames} frames in {result.seconds:.1f} s")
-        st.session_state["video_result"] = (job, result, result.path.read_bytes())
+        st.session_state["video_result"] = (job, result, data)
     _, result, data = st.session_state["video_result"]
     video, panel = st.columns([3, 2])
     with video:
