@@ -515,7 +515,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
                          + (" | ".join(logger.errors[-5:]) or "no error message (try a larger --workspace)"))
     engine_bytes = bytes(memoryview(serialized))
 
-    io = engine_io(trt, logger, engine_bytes)
+    io = engine_io(trt, logger, engine_bytes, host_code=options.version_compatible and caps.engine_host_code_allowed,
+                   dla_core=options.dla_core)
     check_engine_io(io, prepared.info.meta)
     if cache_path:
         atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
@@ -534,9 +535,14 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
     return BuildResult(engine_path, sidecar, seconds, plan, notes)
 
 
-def engine_io(trt, logger, engine_bytes: bytes) -> list[dict]:
-    """Names, modes, dtypes and shapes of the built engine's I/O tensors (recorded in the sidecar)."""
+def engine_io(trt, logger, engine_bytes: bytes, host_code: bool = False, dla_core: int | None = None) -> list[dict]:
+    """Names, modes, dtypes and shapes of the built engine's I/O tensors (recorded in the sidecar).
+    Loading it back also proves the engine deserializes, as the backend will."""
     runtime = trt.Runtime(logger)
+    if host_code:  # a version-compatible engine embeds its lean runtime
+        runtime.engine_host_code_allowed = True
+    if dla_core is not None:
+        runtime.DLA_core = int(dla_core)
     engine = runtime.deserialize_cuda_engine(engine_bytes)
     if engine is None:
         raise BuildError("TensorRT built an engine it cannot load back: " + " | ".join(logger.errors[-3:]))

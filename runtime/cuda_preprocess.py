@@ -230,6 +230,13 @@ def kernels():
     return _MODULES[key]
 
 
+def release_kernels() -> None:
+    """Drop the module compiled for the current context (call before the context goes away)."""
+    cuda = import_pycuda()
+    ctx = cuda.Context.get_current()
+    _MODULES.pop(ctx.handle if ctx is not None else None, None)
+
+
 class _Tables:
     """Device copies of the sampling tables for one (source size, output size)."""
 

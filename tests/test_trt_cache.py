@@ -1,7 +1,6 @@
 """Engine sidecar and cache logic: real files, no TensorRT needed (engine bytes are opaque here)."""
 
 import json
-import os
 
 import pytest
 

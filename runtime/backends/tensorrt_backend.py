@@ -123,7 +123,8 @@ class TensorRTBackend:
 
     Options: device (CUDA device index), cuda_graph (capture copies + inference per shape and
     replay it), engine (where to cache the engine of an .onnx), fp16, min_shape/opt_shape/max_shape,
-    workspace_mib, timing_cache, rebuild (force a build), progress, log (callable for messages).
+    workspace_mib, timing_cache, dla_core (as `dilseg build`), rebuild (force a build), progress,
+    log (callable for messages).
     """
 
     name = "tensorrt"
@@ -132,7 +133,7 @@ class TensorRTBackend:
                  fp16: bool = False, min_shape: str | None = None, opt_shape: str | None = None,
                  max_shape: str | None = None, workspace_mib: int = 1024, timing_cache: str | None = None,
                  rebuild: bool = False, progress: bool = True, log: Callable[[str], None] | None = None,
-                 **unknown) -> None:
+                 dla_core: int | None = None, **unknown) -> None:
         if unknown:
             hint = " (threads and providers are ONNX Runtime options)" if {"threads", "providers"} & set(unknown) else ""
             raise BackendError(f"the TensorRT backend has no option(s) {', '.join(sorted(unknown))}{hint}")
@@ -148,7 +149,7 @@ class TensorRTBackend:
         self.engine_path = Path(engine) if engine else (self.path if suffix == ".engine" else None)
         self.build_args = dict(fp16=fp16, min_shape=min_shape, opt_shape=opt_shape, max_shape=max_shape,
                                workspace_mib=workspace_mib, timing_cache=timing_cache, progress=progress,
-                               device=self.device)
+                               device=self.device, dla_core=dla_core)
         self.rebuild = rebuild
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         # Fail early and clearly on a machine without TensorRT or pycuda.
@@ -445,6 +446,10 @@ class TensorRTBackend:
                 for b in self._buffers.values():
                     b.free()
                 self._buffers.clear()
+                if self._pre is not None or self._render is not None:
+                    from ..cuda_preprocess import release_kernels
+
+                    release_kernels()
                 for obj in (self._render, self._pre, self._gpu_frame):
                     if obj is not None:
                         obj.free()
