@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -522,15 +522,18 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
         atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
     import hashlib
 
+    # The engine's metadata tells what it computes in (an fp32 ONNX built with --fp16 is an fp16 model).
+    meta = replace(prepared.info.meta, precision=plan.engine_precision)
     sidecar = make_sidecar(
-        prepared.info.meta, tensorrt_version=str(caps.version), gpu_name=gpu[0],
+        meta, tensorrt_version=str(caps.version), gpu_name=gpu[0],
         compute_capability=f"{gpu[1][0]}.{gpu[1][1]}", precision=plan.engine_precision, profile=p.to_dict(),
         onnx_sha256=prepared.info.sha256, engine_sha256=hashlib.sha256(engine_bytes).hexdigest(),
         engine_size=len(engine_bytes), hardware_compatible=options.hardware_compatible,
         version_compatible=options.version_compatible, dla_core=options.dla_core, build_seconds=seconds, io=io,
         onnx_path=str(prepared.info.path), options={**options.recorded(), "typing": plan.typing,
                                                     "network_flags": list(plan.network_flags),
-                                                    "builder_flags": list(plan.builder_flags)})
+                                                    "builder_flags": list(plan.builder_flags),
+                                                    "onnx_precision": prepared.info.meta.precision})
     write_engine(engine_path, engine_bytes, sidecar)
     return BuildResult(engine_path, sidecar, seconds, plan, notes)
 

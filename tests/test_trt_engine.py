@@ -288,7 +288,8 @@ def test_fp16_flag_by_version(gpu, trt_onnx, tmp_path):
             build_engine(trt_onnx["fixed"], tmp_path / "h.engine", opts)
         return
     result = build_engine(trt_onnx["fixed"], tmp_path / "h.engine", opts)
-    assert result.sidecar["precision"] == "fp16"
+    assert result.sidecar["precision"] == result.sidecar["meta"]["precision"] == "fp16"
+    assert result.sidecar["options"]["onnx_precision"] == "fp32"
     with open_backend(tmp_path / "h.engine", backend="tensorrt") as be:
         x = preprocess(frames(1, 64, 96)[0], be.meta)
         assert (be.infer(x) == ort_labels(trt_onnx["fixed"], x)).mean() >= 0.95
