@@ -152,3 +152,100 @@ def test_render_kernel(cuda, label_dtype, alpha, visible, view):
         dev.free()
         gf.free()
         ren.free()
+
+
+# -- the kernel source itself, compiled for the CPU (no GPU needed) --------------------------------
+
+HOST_SHIM = r"""
+#include <cmath>
+#include <cstddef>
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__
+struct dim3 { int x, y, z; };
+static dim3 blockIdx, blockDim, threadIdx;
+struct __half { unsigned short x; };
+inline __half __float2half_rn(float) { return __half{0}; }  // fp16 stores are checked on the GPU only
+// CUDA's _rn intrinsics are single IEEE operations; volatile keeps the host compiler from fusing them.
+inline float __fmul_rn(float a, float b) { volatile float r = a * b; return r; }
+inline float __fadd_rn(float a, float b) { volatile float r = a + b; return r; }
+inline int __float2int_rn(float a) { return (int)std::nearbyint(a); }
+"""
+
+HOST_LAUNCH = r"""
+#define LAUNCH(H, W, CALL) for (int by = 0; by < (H + 7) / 8; ++by) for (int bx = 0; bx < (W + 31) / 32; ++bx) \
+  for (int ty = 0; ty < 8; ++ty) for (int tx = 0; tx < 32; ++tx) { \
+    blockDim = {32, 8, 1}; blockIdx = {bx, by, 0}; threadIdx = {tx, ty, 0}; CALL; }
+extern "C" void run_pre(const unsigned char* src, int pitch, const int* x0, const int* x1, const int* cx,
+    const int* y0, const int* y1, const int* cy, int h, int w, int c0, int c1, int c2, float s0, float s1, float s2,
+    float b0, float b1, float b2, float* dst) {
+  LAUNCH(h, w, resize_normalize_f32(src, pitch, x0, x1, cx, y0, y1, cy, h, w, c0, c1, c2, s0, s1, s2, b0, b1, b2, dst))
+}
+extern "C" void run_render(const int* labels, int lw, const int* ys, const int* xs, const unsigned char* lut,
+    const unsigned char* vis, const unsigned char* frame, int fp, int h, int w, float alpha, int mask,
+    unsigned char* out, int op, unsigned char* lo) {
+  LAUNCH(h, w, colorize_blend_i32(labels, lw, ys, xs, lut, vis, frame, fp, h, w, alpha, mask, out, op, lo))
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def host_kernels(tmp_path_factory):
+    """The CUDA kernel source compiled as C++ for the CPU and run thread by thread over the
+    same grid: checks the kernels' indexing and arithmetic where no GPU is available."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler to build the kernel source for the CPU")
+    d = tmp_path_factory.mktemp("kernels")
+    src = d / "kernels.cpp"
+    src.write_text(HOST_SHIM + cp.KERNELS.replace("#include <cuda_fp16.h>", "") + HOST_LAUNCH)
+    subprocess.run([cxx, "-std=c++14", "-O1", "-ffp-contract=off", "-shared", "-fPIC", "-o", str(d / "k.so"), str(src)],
+                   check=True, capture_output=True)
+    return ctypes.CDLL(str(d / "k.so"))
+
+
+def _ptr(a):
+    import ctypes
+
+    return a.ctypes.data_as(ctypes.c_void_p)
+
+
+@pytest.mark.parametrize("src,dst", SIZES)
+def test_preprocess_kernel_source_on_cpu(host_kernels, src, dst):
+    import ctypes
+    from dataclasses import replace
+
+    meta = replace(META, input_size=dst)
+    img = frame(*src, seed=8)
+    x0, x1, cx = cp.linear_tables(src[1], dst[1])
+    y0, y1, cy = cp.linear_tables(src[0], dst[0])
+    order, scale, shift = cp.normalisation(meta)
+    out = np.full((1, 3, *dst), np.nan, np.float32)
+    host_kernels.run_pre(_ptr(img), src[1] * 3, *map(_ptr, (x0, x1, cx, y0, y1, cy)), dst[0], dst[1],
+                         *map(int, order), *[ctypes.c_float(v) for v in (*scale, *shift)], _ptr(out))
+    np.testing.assert_array_equal(out, cp.preprocess_reference(img, meta, dst))
+
+
+@pytest.mark.parametrize("alpha,visible,view", [(0.5, None, "overlay"), (0.35, [0, 3, 8], "overlay"),
+                                                 (0.5, [1, 2], "mask")])
+def test_render_kernel_source_on_cpu(host_kernels, alpha, visible, view):
+    import ctypes
+
+    rng = np.random.default_rng(9)
+    img = frame(360, 480, seed=10)
+    labels = rng.integers(0, 12, (1, 64, 96)).astype(np.int32)
+    lut = np.ascontiguousarray(cp.palette_bgr(META, visible))
+    vis = np.zeros(256, np.uint8)
+    vis[list(range(256)) if visible is None else visible] = 1
+    out, big = np.zeros((360, 480, 3), np.uint8), np.zeros((360, 480), np.uint8)
+    host_kernels.run_render(_ptr(labels), 96, _ptr(cp.nearest_table(64, 360)), _ptr(cp.nearest_table(96, 480)),
+                            _ptr(lut), _ptr(vis), _ptr(img), 480 * 3, 360, 480, ctypes.c_float(alpha),
+                            int(view == "mask"), _ptr(out), 480 * 3, _ptr(big))
+    ref, ref_big = cp.render_reference(labels, img, META, alpha, visible, view)
+    np.testing.assert_array_equal(big, ref_big)
+    np.testing.assert_array_equal(out, ref)
