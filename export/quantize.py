@@ -137,7 +137,7 @@ def activation_ranges(proto: onnx.ModelProto, reader: ImageReader) -> dict[str, 
     peak: dict[str, float] = {}
     reader.rewind()
     while (feed := reader.get_next()) is not None:
-        for name, value in zip(names, sess.run(None, feed)):
+        for name, value in [*zip(names, sess.run(None, feed)), *feed.items()]:
             if value.dtype == np.float32 and value.size:
                 peak[name] = max(peak.get(name, 0.0), float(np.abs(value).max()))
     return peak
@@ -154,16 +154,22 @@ def convert_fp16(proto: onnx.ModelProto, meta: ModelMeta, reader: ImageReader) -
     weights = {t.name: t for t in proto.graph.initializer}
     blocked = []
     for node in proto.graph.node:
-        outs = [peaks.get(o, 0.0) for o in node.output]
+        # An op overflows if it produces a huge tensor, and also if it consumes one: the cast
+        # to fp16 at its input would already turn the values into inf.
+        seen = [peaks.get(t, 0.0) for t in (*node.input, *node.output)]
         big_weight = any(
             n in weights and weights[n].data_type == onnx.TensorProto.FLOAT
             and float(np.abs(onnx.numpy_helper.to_array(weights[n])).max(initial=0.0)) > FP16_MAX
             for n in node.input
         )
-        if big_weight or (outs and max(outs) > limit):
+        if big_weight or max(seen, default=0.0) > limit:
             blocked.append(node.name)
     converted = convert_float_to_float16(proto, keep_io_types=True, op_block_list=list(DEFAULT_OP_BLOCK_LIST),
                                          node_block_list=blocked)
+    # (The converter renames blocked nodes' outputs, so look them up in the converted graph.)
+    fp32 = {o for n in converted.graph.node if n.name in set(blocked) for o in n.output}
+    fp32 |= {i.name for i in converted.graph.input if i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+    drop_fp16_round_trips(converted, fp32)
     topological_sort(converted)
     info = {
         "fp16_kept_fp32": blocked,
@@ -171,6 +177,39 @@ def convert_fp16(proto: onnx.ModelProto, meta: ModelMeta, reader: ImageReader) -
         "calibration": {"images": len(reader), "headroom": FP16_HEADROOM},
     }
     return converted, info
+
+
+def drop_fp16_round_trips(proto: onnx.ModelProto, fp32_tensors: set[str]) -> int:
+    """The converter treats every blocked node as an island: a chain of blocked nodes still
+    passes its values through fp16 between them (Cast to fp16, Cast back), which overflows
+    exactly where blocking was meant to help. Feed such consumers the fp32 tensor directly.
+
+    Only round trips that start from a known fp32 tensor (a blocked node's output or a float
+    graph input) are removed. Returns how many were."""
+    nodes = list(proto.graph.node)
+    producer = {o: n for n in nodes for o in n.output}
+    graph_outputs = {o.name for o in proto.graph.output}
+
+    def cast_to(node: onnx.NodeProto) -> int | None:
+        return next((a.i for a in node.attribute if a.name == "to"), None) if node.op_type == "Cast" else None
+
+    rename, dropped = {}, set()
+    for node in nodes:
+        src = producer.get(node.input[0]) if node.input else None
+        if (cast_to(node) == onnx.TensorProto.FLOAT and src is not None and cast_to(src) == onnx.TensorProto.FLOAT16
+                and src.input[0] in fp32_tensors and node.output[0] not in graph_outputs):
+            rename[node.output[0]] = src.input[0]
+            dropped.add(id(node))
+    for node in nodes:
+        for i, name in enumerate(node.input):
+            if name in rename:
+                node.input[i] = rename[name]
+    used = {i for n in nodes if id(n) not in dropped for i in n.input} | graph_outputs
+    keep = [n for n in nodes if id(n) not in dropped and not (cast_to(n) == onnx.TensorProto.FLOAT16
+                                                             and n.output[0] not in used)]
+    del proto.graph.node[:]
+    proto.graph.node.extend(keep)
+    return len(dropped)
 
 
 def topological_sort(proto: onnx.ModelProto) -> None:
@@ -279,14 +318,6 @@ def make_variant(proto: onnx.ModelProto, meta: ModelMeta, precision: str, calib:
     except onnx.checker.ValidationError as exc:
         raise QuantizeError(f"the {precision} graph fails onnx.checker: {exc}") from None
     return out, new_meta
-
-
-def tensorrt_refusal(meta: ModelMeta) -> str | None:
-    """Why TensorRT must not build this ONNX, or None. For the engine builder."""
-    if meta.precision == "int8" and meta.extra.get("int8_target") != "tensorrt":
-        return ("this int8 ONNX is the 'cpu' flavour (uint8 activations with non-zero zero points), which TensorRT "
-                "cannot run; re-export with `dilseg export onnx --precision int8 --target tensorrt ...`")
-    return None
 
 
 def export_variant(model, meta: ModelMeta, output: str | Path, size: tuple[int, int] | None, precision: str,

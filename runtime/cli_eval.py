@@ -26,7 +26,7 @@ examples:
 
 REFERENCE and CANDIDATE are any pairing of .safetensors weights (PyTorch), .onnx and .engine
 files of the same classes. Weights run at the input size of the exported side. Reported: argmax
-agreement (%% of pixels with the same label), the candidate's per-class IoU against the
+agreement (% of pixels with the same label), the candidate's per-class IoU against the
 reference's labels, and, where DIR has labels, each one's mIoU against the ground truth and the
 delta (candidate - reference, points). Exit status 1 when a threshold fails, 2 on bad input."""
 
@@ -62,6 +62,16 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def check_json_target(path: str | None) -> None:
+    """Fail before minutes of work, not after, when the JSON cannot be written."""
+    from pathlib import Path
+
+    from .cli import CliError
+
+    if path and not (Path(path).parent if str(Path(path).parent) else Path(".")).is_dir():
+        raise CliError(f"--json {path}: folder {Path(path).parent} does not exist")
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from .cli import CliError
     from .defaults import default_model_path
@@ -72,6 +82,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise CliError(f"the shipped model {model.name} is not installed yet; pass --model FILE")
     if args.limit < 0:
         raise CliError(f"--limit must be >= 0, got {args.limit}")
+    check_json_target(args.json)
     backend = open_model(model, args.backend)
     try:
         data = dataset_for(backend.meta, args.data, args.split)
@@ -94,6 +105,7 @@ def run_verify(args: argparse.Namespace) -> int:
         raise CliError(f"--min-agreement is a percentage (0..100), got {args.min_agreement}")
     if args.max_miou_drop is not None and args.max_miou_drop < 0:
         raise CliError(f"--max-miou-drop is in mIoU points and must be >= 0, got {args.max_miou_drop}")
+    check_json_target(args.json)
     reference, candidate = open_pair(args.reference, args.candidate, args.backend)
     try:
         data = dataset_for(reference.meta, args.data, args.split, labelled=False)
