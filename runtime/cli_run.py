@@ -1,7 +1,264 @@
-"""Subcommands of this stage (filled in by its issue)."""
+"""`dilseg run`, `dilseg info` and `dilseg bench` (torch-free; heavy imports happen when they run)."""
+
+from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
+
+SOURCE_HELP = """\
+sources (--source):
+  0, 1, ...                 webcam index
+  video.mp4                 video file (every frame, in order; corrupt frames skipped and counted)
+  photo.jpg | frames/       one image | a folder of images (natural sort order)
+  rtsp://... http(s)://...  network stream (live: newest frame only, reopened with back-off)
+  csi://0                   Jetson CSI camera (nvarguscamerasrc; needs OpenCV with GStreamer)
+  "v4l2src ! ... ! appsink" raw GStreamer pipeline ending in appsink
+  test://[WxH][?fps=F&frames=N&live=0&drop_every=N]
+                            synthetic moving pattern (default 640x480, live at 30 FPS;
+                            frames=N or live=0: file-like, every frame, unpaced)"""
+
+RUN_EPILOG = f"""\
+examples:
+  dilseg run --source 0 --show                                  # webcam, shipped model
+  dilseg run --model edge_m.onnx --source drive.mp4 --output seg.mp4 --legend
+  dilseg run --source frames/ --labels masks/ --overlays viz/   # a folder, masks named after the images
+  dilseg run --source rtsp://cam.local/stream --show --view side-by-side
+  dilseg run --model edge_m.engine --source csi://0 --show      # Jetson, TensorRT engine
+  dilseg run --source test://320x240 --max-frames 300           # smoke test, no camera needed
+
+{SOURCE_HELP}
+
+Live sources keep only the newest frame (latency first; drops are counted); files and
+folders lose no frame. Ctrl-C or SIGTERM stops cleanly: the output video is finalised
+and playable, label/overlay images are written whole. A stats summary (per-stage
+p50/p95, FPS, drops, corrupt frames, reopens, memory) is printed at the end."""
+
+INFO_EPILOG = """\
+examples:
+  dilseg info edge_m.onnx            # classes, palette, input size, normalisation, output kind, I/O
+  dilseg info edge_m.engine          # the engine's sidecar: model metadata plus build facts
+  dilseg info edge_m.onnx --json     # machine-readable"""
+
+BENCH_EPILOG = f"""\
+examples:
+  dilseg bench                                          # shipped model on test://480x360?live=0
+  dilseg bench --model edge_m.onnx --source drive.mp4 --frames 300
+  dilseg bench --model edge_m.engine --frames 500 --json bench.json
+
+It runs the whole pipeline (source -> preprocess -> infer -> postprocess -> render, no sink)
+for WARMUP + FRAMES frames, reporting per-stage p50/p95 latency and end-to-end FPS, then
+times back-to-back backend.infer calls of the same model on the same (preprocessed) frame:
+end-to-end / raw near 1 means the other stages hide behind inference. A backend that splits
+its own time (TensorRT: upload/infer/download) has those stages listed too. Peak RSS is the
+process's high-water mark.
+
+{SOURCE_HELP}"""
+
+DEFAULT_BENCH_SOURCE = "test://480x360?live=0"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    return None
+    fmt = argparse.RawDescriptionHelpFormatter
+    r = sub.add_parser("run", help="segment a camera, video, images or stream", epilog=RUN_EPILOG,
+                       formatter_class=fmt,
+                       description="Segment frames from a source and show or save the result.")
+    _model_args(r)
+    r.add_argument("--source", default="test://", help="what to segment (default test://, see below)")
+    r.add_argument("--output", metavar="FILE", help="write the rendered video here (.mp4 .avi .mkv .mov)")
+    r.add_argument("--output-fps", type=float, help="frame rate of --output (default: the source's, else 30)")
+    r.add_argument("--overlays", metavar="DIR", help="write each rendered frame as an image into DIR")
+    r.add_argument("--labels", metavar="DIR", help="write each mask as an 8-bit PNG of class ids into DIR")
+    r.add_argument("--show", action="store_true", help="show a window (q or Esc quits)")
+    r.add_argument("--alpha", type=float, default=0.5, help="mask opacity in the overlay, 0..1 (default 0.5)")
+    r.add_argument("--view", choices=["overlay", "mask", "side-by-side"], default="overlay",
+                   help="what to render (default overlay)")
+    r.add_argument("--legend", action="store_true", help="draw the class legend with area percentages")
+    r.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_run)
+
+    i = sub.add_parser("info", help="print an artifact's metadata (.onnx or .engine)", epilog=INFO_EPILOG,
+                       formatter_class=fmt, description="Print what an exported model or engine says about itself.")
+    i.add_argument("artifact", help="an .onnx file or an .engine (with its .engine.json sidecar)")
+    i.add_argument("--json", action="store_true", help="print JSON")
+    i.set_defaults(func=cmd_info)
+
+    b = sub.add_parser("bench", help="per-stage latency, end-to-end vs raw inference FPS, peak memory",
+                       epilog=BENCH_EPILOG, formatter_class=fmt,
+                       description="Benchmark the pipeline against raw inference of the same model.")
+    _model_args(b)
+    b.add_argument("--source", default=DEFAULT_BENCH_SOURCE, help=f"what to read (default {DEFAULT_BENCH_SOURCE})")
+    b.add_argument("--frames", type=int, default=200, help="measured frames (default 200)")
+    b.add_argument("--warmup", type=int, default=20, help="frames run before measuring (default 20)")
+    b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    b.add_argument("--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_bench)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="an .onnx or .engine (default: the shipped CamVid model)")
+    p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto",
+                   help="auto: .engine -> TensorRT, .onnx -> ONNX Runtime (default auto)")
+    p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: cores, at most 8)")
+
+
+def _setup_logging() -> None:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="dilseg: %(message)s", stream=sys.stderr)
+
+
+def _model_path(arg: str | None) -> Path:
+    from .cli import CliError
+    from .defaults import default_model_path
+
+    if arg:
+        path = Path(arg).expanduser()
+        if not path.is_file():
+            raise CliError(f"--model {arg}: no such file; pass an .onnx from `dilseg export onnx` "
+                           "or an .engine from `dilseg build`")
+        return path
+    path = default_model_path()
+    if not path.is_file():
+        raise CliError(f"the shipped model {path.name} is not installed ({path} is missing); pass --model FILE.onnx, "
+                       "e.g. one made with `dilseg export onnx --model edge_m --size 360x480 -o edge_m.onnx`")
+    return path
+
+
+def _open_backend(args: argparse.Namespace):
+    from .backends import open_backend
+
+    options = {"threads": args.threads} if args.threads else {}
+    return open_backend(_model_path(args.model), args.backend, **options)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from .bench import RssProbe, peak_rss_bytes
+    from .cli import CliError
+    from .pipeline import Pipeline
+    from .segmenter import Segmenter
+    from .sinks import open_sink
+    from .sources import open_source
+
+    _setup_logging()
+    if not 0.0 <= args.alpha <= 1.0:
+        raise CliError(f"--alpha {args.alpha}: must be within 0..1")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise CliError(f"--max-frames {args.max_frames}: must be >= 1")
+    model = _model_path(args.model)
+    with contextlib.ExitStack() as stack:
+        # Everything is opened and validated before the first frame: a bad source, an unwritable
+        # output or an unloadable model fails here, and the sinks opened so far leave nothing.
+        source = stack.enter_context(open_source(args.source))
+        sinks = []
+        specs = ([("window", {})] if args.show else []) + \
+                ([(f"video:{args.output}", {"fps": args.output_fps or source.fps})] if args.output else []) + \
+                ([(f"overlays:{args.overlays}", {})] if args.overlays else []) + \
+                ([(f"labels:{args.labels}", {})] if args.labels else [])
+        try:
+            for spec, opts in specs:
+                sinks.append(open_sink(spec, **opts))
+            backend = _open_backend(args)
+        except BaseException:
+            for sink in sinks:
+                sink.abort()
+            raise
+        stack.callback(backend.close)
+        probe = RssProbe(after=100)
+        pipeline = Pipeline(source, Segmenter(backend), sinks, view=args.view, alpha=args.alpha, legend=args.legend,
+                            max_frames=args.max_frames, on_result=probe, progress=not args.quiet)
+        print(f"dilseg run: {model.name} ({backend.name}) on {source.spec}"
+              f"{' (live)' if source.live else ''}; outputs: {', '.join(s.spec for s in sinks) or 'none'}",
+              file=sys.stderr)
+        stats = pipeline.run()
+        probe.end()
+    print(stats.summary())
+    mib = 1 / (1 << 20)
+    rss = f"peak RSS {peak_rss_bytes() * mib:.1f} MiB"
+    if probe.warm and probe.last:
+        rss += f" (after {probe.after} frames {probe.warm * mib:.1f} MiB, at the end {probe.last * mib:.1f} MiB)"
+    print(rss)
+    for sink in sinks:
+        if sink.spec != "none" and not sink.spec.startswith("window"):
+            print(f"wrote {sink.spec} ({getattr(sink, 'count', 0)} frames)")
+    return 130 if stats.stopped_by == "SIGINT" else 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    import json
+
+    from .artifact import read_meta, read_sidecar
+
+    path = Path(args.artifact)
+    meta = read_meta(path)
+    facts: dict = {"artifact": str(path), "size_bytes": path.stat().st_size}
+    if path.suffix == ".engine":
+        facts["build"] = {k: v for k, v in read_sidecar(path).items() if k != "meta"}
+    else:
+        facts["io"] = _onnx_io(path)
+    if args.json:
+        print(json.dumps({**facts, "meta": meta.to_dict()}, indent=2, sort_keys=True))
+        return 0
+    size = f"{meta.input_size[0]}x{meta.input_size[1]}" if meta.input_size else "dynamic (any HxW, multiples of 8)"
+    lines = [
+        f"{path}  ({facts['size_bytes'] / (1 << 20):.1f} MiB)",
+        f"model          {meta.model}",
+        f"input          {meta.layout} {size}, colour order {meta.color_order}",
+        f"normalisation  (pixel/255 - mean) / std, mean {list(meta.mean)}, std {list(meta.std)}",
+        f"output         {meta.output_kind}" + (" (argmax in the graph: int class ids)" if meta.output_kind == "labels"
+                                                 else " (N x C x H x W scores)"),
+        f"precision      {meta.precision}",
+        f"weights sha256 {meta.weights_sha256 or '(fresh initialisation)'}",
+        f"dilseg version {meta.dilseg_version or '?'}",
+        f"ignore index   {meta.ignore_index}",
+        f"classes        {meta.num_classes}",
+    ]
+    for i, (name, rgb) in enumerate(zip(meta.classes, meta.palette)):
+        lines.append(f"  {i:>3}  {name:<16} RGB {tuple(rgb)}")
+    for key, value in sorted(meta.extra.items()):
+        lines.append(f"extra.{key:<8} {value}")
+    if "io" in facts:
+        for kind in ("inputs", "outputs"):
+            for t in facts["io"][kind]:
+                lines.append(f"{kind[:-1]:<14} {t['name']}: {t['type']} {t['shape']}")
+    for key, value in sorted(facts.get("build", {}).items()):
+        lines.append(f"{key:<14} {value}")
+    print("\n".join(lines))
+    return 0
+
+
+def _onnx_io(path: Path) -> dict:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return {kind: [{"name": t.name, "type": t.type, "shape": list(t.shape)} for t in getattr(sess, f"get_{kind}")()]
+            for kind in ("inputs", "outputs")}
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import contextlib
+
+    from .bench import bench
+    from .cli import CliError
+    from .sources import open_source
+
+    _setup_logging()
+    if args.frames < 1 or args.warmup < 0:
+        raise CliError("--frames must be >= 1 and --warmup >= 0")
+    model = _model_path(args.model)
+    with contextlib.ExitStack() as stack:
+        source = stack.enter_context(open_source(args.source))
+        backend = _open_backend(args)
+        stack.callback(backend.close)
+        result = bench(source, backend, frames=args.frames, warmup=args.warmup, model=str(model),
+                       progress=not args.quiet)
+    print(result.report())
+    if args.json:
+        result.write_json(args.json)
+        print(f"wrote {args.json}")
+    return 0

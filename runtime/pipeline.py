@@ -1,0 +1,396 @@
+"""Capture, inference and output in three threads joined by bounded queues.
+
+    capture thread --[slot or queue]--> inference thread --[queue]--> output thread
+    source.read()                        Segmenter(frame)             render + sinks
+
+Live sources hand over through a one-frame slot that keeps only the newest frame (the older
+one is dropped and counted: latency first). Files and folders go through a bounded FIFO
+queue whose ``put`` blocks, so no frame is lost and order is kept. The main thread only
+waits, shows progress and turns Ctrl-C / SIGTERM into a clean stop: sources stop, what is in
+flight is written, sinks are closed (a video is finalised and playable).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .postprocess import palette_bgr, render
+from .segmenter import Segmenter
+from .sinks import Sink
+from .sources import Source
+
+log = logging.getLogger("dilseg.pipeline")
+
+STAGES = ("capture", "preprocess", "infer", "postprocess", "render", "write")
+_END = object()  # end-of-stream marker passed down the queues
+
+
+class StageTimes:
+    """Timings of one stage in a preallocated ring (memory stays flat however long the run);
+    percentiles cover the most recent ``capacity`` frames, count and mean cover all of them."""
+
+    def __init__(self, capacity: int = 10000) -> None:
+        self.ring = np.zeros(capacity, np.float64)
+        self.count = 0
+        self.total = 0.0
+
+    def add(self, ms: float) -> None:
+        self.ring[self.count % len(self.ring)] = ms
+        self.count += 1
+        self.total += ms
+
+    def values(self) -> np.ndarray:
+        return self.ring[: min(self.count, len(self.ring))]
+
+    def percentile(self, q: float) -> float:
+        return float(np.percentile(self.values(), q)) if self.count else float("nan")
+
+    @property
+    def mean(self) -> float:
+        return self.total / self.count if self.count else float("nan")
+
+
+@dataclass
+class PipelineStats:
+    """What a run did and how long each stage took (milliseconds)."""
+
+    frames_in: int = 0  # frames read from the source
+    frames_out: int = 0  # frames through every sink (after warm-up too)
+    dropped: int = 0  # live frames replaced by a newer one before inference took them
+    corrupt_skipped: int = 0  # frames that failed to decode and were skipped
+    reopens: int = 0  # live source reconnects
+    warmup: int = 0  # first frames left out of timings and FPS
+    stopped_by: str = ""  # "", "max-frames", "SIGINT", "SIGTERM", "window", "stop()", "error", "source lost"
+    stages: dict[str, StageTimes] = field(default_factory=dict)
+    started: float = 0.0  # perf_counter when timing started (pipeline start, or end of warm-up)
+    finished: float = 0.0  # perf_counter of the last frame out
+
+    def add(self, name: str, ms: float) -> None:
+        if name not in self.stages:
+            self.stages[name] = StageTimes()
+        self.stages[name].add(ms)
+
+    @property
+    def measured_frames(self) -> int:
+        return max(0, self.frames_out - self.warmup)
+
+    @property
+    def seconds(self) -> float:
+        return max(0.0, self.finished - self.started)
+
+    @property
+    def fps(self) -> float:
+        """End-to-end throughput: frames out per second of wall time (after warm-up)."""
+        return self.measured_frames / self.seconds if self.seconds > 0 else 0.0
+
+    def percentiles(self) -> dict[str, dict[str, float]]:
+        """{stage: {p50, p95, mean, n}} in pipeline order, backend-reported stages after them."""
+        order = [s for s in STAGES if s in self.stages] + [s for s in self.stages if s not in STAGES]
+        return {s: {"p50": self.stages[s].percentile(50), "p95": self.stages[s].percentile(95),
+                    "mean": self.stages[s].mean, "n": self.stages[s].count} for s in order}
+
+    def to_dict(self) -> dict:
+        return {"frames_in": self.frames_in, "frames_out": self.frames_out, "dropped": self.dropped,
+                "corrupt_skipped": self.corrupt_skipped, "reopens": self.reopens, "warmup": self.warmup,
+                "fps": self.fps, "seconds": self.seconds, "stopped_by": self.stopped_by,
+                "stages_ms": self.percentiles()}
+
+    def summary(self) -> str:
+        lines = [f"{'stage':<14}{'p50 ms':>9}{'p95 ms':>9}{'mean ms':>9}"]
+        for name, p in self.percentiles().items():
+            lines.append(f"{name:<14}{p['p50']:>9.2f}{p['p95']:>9.2f}{p['mean']:>9.2f}")
+        lines.append(f"frames in {self.frames_in}, out {self.frames_out}, dropped {self.dropped}, "
+                     f"corrupt skipped {self.corrupt_skipped}, reopens {self.reopens}")
+        lines.append(f"end-to-end {self.fps:.1f} FPS over {self.measured_frames} frames in {self.seconds:.1f}s"
+                     + (f" (after {self.warmup} warm-up frames)" if self.warmup else "")
+                     + (f"; stopped by {self.stopped_by}" if self.stopped_by else ""))
+        return "\n".join(lines)
+
+
+@dataclass
+class FrameResult:
+    """One frame through the pipeline (given to ``on_result`` in the output thread)."""
+
+    index: int  # running number of the frame as captured (gaps = dropped frames)
+    name: str  # the source's name for it (file stem or index)
+    frame: np.ndarray
+    labels: np.ndarray
+    rendered: np.ndarray | None
+    timings: dict[str, float]
+    captured_at: float  # perf_counter when the frame was read
+
+
+class LatestSlot:
+    """A one-frame mailbox: ``put`` replaces what is there (counting a drop), ``get`` takes it."""
+
+    def __init__(self) -> None:
+        self._item = None
+        self._full = False
+        self._cond = threading.Condition()
+        self.dropped = 0
+
+    def put(self, item) -> None:
+        with self._cond:
+            if self._full and self._item is not _END:
+                self.dropped += 1
+            if not (self._full and self._item is _END):  # never overwrite the end marker
+                self._item, self._full = item, True
+            self._cond.notify()
+
+    def get(self, timeout: float | None = None):
+        """The newest item; raises queue.Empty after ``timeout`` seconds without one."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._full, timeout):
+                raise queue.Empty
+            item, self._item, self._full = self._item, None, False
+            return item
+
+
+class Pipeline:
+    """source -> Segmenter -> render -> sinks, in three threads. ``run()`` returns PipelineStats.
+
+    ``max_frames`` bounds the frames processed; ``warmup`` frames are processed but left out of
+    the timings and FPS (benchmarks). ``on_result`` is called in the output thread per frame.
+    Signals are handled only when ``run()`` is called from the main thread.
+    """
+
+    def __init__(self, source: Source, segmenter: Segmenter, sinks: Sequence[Sink] = (), *,
+                 view: str = "overlay", alpha: float = 0.5, legend: bool = False, visible: list[int] | None = None,
+                 max_frames: int | None = None, warmup: int = 0, queue_size: int = 4,
+                 on_result: Callable[[FrameResult], None] | None = None, progress: bool = False,
+                 handle_signals: bool = True) -> None:
+        if max_frames is not None and max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must be within 0..1, got {alpha}")
+        self.source, self.segmenter, self.sinks = source, segmenter, list(sinks)
+        self.meta = segmenter.meta
+        self.view, self.alpha, self.legend, self.visible = view, alpha, legend, visible
+        self.lut = palette_bgr(self.meta, visible)
+        self.max_frames, self.warmup = max_frames, warmup
+        self.on_result, self.progress, self.handle_signals = on_result, progress, handle_signals
+        self.live = source.live
+        self.frames_q = LatestSlot() if self.live else queue.Queue(maxsize=queue_size)
+        self.results_q: queue.Queue = queue.Queue(maxsize=queue_size)
+        self.stop_event = threading.Event()
+        self.stats = PipelineStats(warmup=warmup)
+        self.errors: list[BaseException] = []
+        self._lock = threading.Lock()
+        self.captured = threading.Event()  # the capture thread has finished
+        self.inferred = threading.Event()  # the inference thread has finished
+
+    # ------------------------------------------------------------------ control
+
+    def stop(self, reason: str = "stop()") -> None:
+        """Ask every stage to finish; safe from any thread and from signal handlers."""
+        if not self.stats.stopped_by:
+            self.stats.stopped_by = reason
+        self.stop_event.set()
+        self.source.interrupt()
+
+    def _fail(self, exc: BaseException) -> None:
+        with self._lock:
+            self.errors.append(exc)
+        self.stop("error")
+
+    def _put(self, q, item) -> bool:
+        """Blocking put that still notices a stop or an error (a FIFO may be full of frames
+        nobody will take). The end marker is best effort: consumers also watch ``done``."""
+        if isinstance(q, LatestSlot):
+            q.put(item)
+            return True
+        while True:
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                if self.errors or (self.stop_event.is_set() and (item is _END or q is self.frames_q)):
+                    return False
+
+    def _get(self, q, upstream_done: threading.Event):
+        """The next item, or _END once the upstream stage has finished and nothing is left."""
+        while True:
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                if self.errors or upstream_done.is_set():
+                    try:  # an item may have landed between the timeout and the check
+                        return q.get_nowait() if not isinstance(q, LatestSlot) else q.get(timeout=0)
+                    except queue.Empty:
+                        return _END
+
+    # ------------------------------------------------------------------ stages
+
+    def _capture(self) -> None:
+        index = 0
+        try:
+            while not self.stop_event.is_set():
+                if not self.live and self.max_frames is not None and index >= self.max_frames:
+                    break
+                t0 = time.perf_counter()
+                frame = self.source.read()
+                t1 = time.perf_counter()
+                if frame is None:
+                    if getattr(self.source, "lost", False):
+                        self.stop("source lost")
+                    break
+                self.stats.frames_in += 1
+                item = (index, self.source.name or f"{index:06d}", frame, t1, (t1 - t0) * 1e3)
+                index += 1
+                if not self._put(self.frames_q, item):
+                    break
+        except BaseException as exc:  # noqa: BLE001 - reported by run()
+            self._fail(exc)
+        finally:
+            self.captured.set()
+            self._put(self.frames_q, _END)
+
+    def _infer(self) -> None:
+        taken = 0
+        try:
+            while True:
+                item = self._get(self.frames_q, self.captured)
+                if item is _END or self.errors:
+                    break
+                if self.stop_event.is_set() and self.stats.stopped_by not in ("", "max-frames"):
+                    # Interrupted: frames still queued are not worth another inference.
+                    continue
+                index, name, frame, captured_at, capture_ms = item
+                seg = self.segmenter(frame)
+                timings = {"capture": capture_ms, **seg.timings}
+                if not self._put(self.results_q, (index, name, frame, seg.labels, timings, captured_at)):
+                    break
+                taken += 1
+                if self.max_frames is not None and taken >= self.max_frames:
+                    self.stop("max-frames")
+                    break
+        except BaseException as exc:  # noqa: BLE001
+            self._fail(exc)
+        finally:
+            if isinstance(self.frames_q, LatestSlot):
+                self.stats.dropped = self.frames_q.dropped
+            self.inferred.set()
+            self._put(self.results_q, _END)
+
+    def _output(self) -> None:
+        stats = self.stats
+        try:
+            while True:
+                item = self._get(self.results_q, self.inferred)
+                if item is _END or self.errors:
+                    break
+                index, name, frame, labels, timings, captured_at = item
+                t0 = time.perf_counter()
+                rendered = render(frame, labels, self.meta, self.view, self.alpha, self.visible, self.legend, self.lut)
+                t1 = time.perf_counter()
+                for sink in self.sinks:
+                    sink.write(frame, labels, rendered, name=name)
+                t2 = time.perf_counter()
+                timings["render"] = (t1 - t0) * 1e3
+                timings["write"] = (t2 - t1) * 1e3
+                stats.frames_out += 1
+                if stats.frames_out > self.warmup:
+                    for key, ms in timings.items():
+                        stats.add(key, ms)
+                    stats.add("latency", (t2 - captured_at) * 1e3)
+                    stats.finished = t2
+                elif stats.frames_out == self.warmup:
+                    stats.started = t2  # the FPS clock starts when warm-up ends
+                if self.on_result is not None:
+                    self.on_result(FrameResult(index, name, frame, labels, rendered, timings, captured_at))
+                if any(s.quit_requested for s in self.sinks):
+                    self.stop("window")
+        except BaseException as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    # ------------------------------------------------------------------ run
+
+    def _install_signals(self) -> dict:
+        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
+            return {}
+        previous = {}
+
+        first: list[float] = []
+
+        def handler(signum, _frame):
+            name = signal.Signals(signum).name
+            if first:
+                # A second signal a moment later (a second Ctrl-C) stops waiting for the stages;
+                # one within a second is the same request delivered twice (e.g. `timeout` sends
+                # to the process and to its group).
+                if time.monotonic() - first[0] > 1.0:
+                    raise KeyboardInterrupt
+                return
+            first.append(time.monotonic())
+            log.warning("%s received: stopping; finishing the frames in flight and closing outputs "
+                        "(again to stop at once)", name)
+            self.stop(name)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[sig] = signal.signal(sig, handler)
+            except (ValueError, OSError):  # not allowed here (embedded interpreters)
+                pass
+        return previous
+
+    def run(self) -> PipelineStats:
+        previous = self._install_signals()
+        threads = [threading.Thread(target=fn, name=f"dilseg-{fn.__name__.strip('_')}", daemon=True)
+                   for fn in (self._capture, self._infer, self._output)]
+        self.stats.started = time.perf_counter()
+        bar = self._progress_bar()
+        try:
+            for t in threads:
+                t.start()
+            done = 0
+            while any(t.is_alive() for t in threads):
+                threads[-1].join(timeout=0.2)
+                if bar is not None and self.stats.frames_out != done:
+                    bar.update(self.stats.frames_out - done)
+                    done = self.stats.frames_out
+        finally:
+            self.stop_event.set()
+            self.source.interrupt()
+            for t in threads:
+                t.join(timeout=5.0)
+            if bar is not None:
+                bar.close()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            # Errors discard unfinished outputs; a stop (even a second Ctrl-C) finalises them.
+            self._close_sinks(not self.errors)
+            self.stats.corrupt_skipped = self.source.corrupt_frames
+            self.stats.reopens = self.source.reopens
+            if not self.stats.finished:
+                self.stats.finished = time.perf_counter() if self.stats.measured_frames else self.stats.started
+        if self.errors:
+            raise self.errors[0]
+        return self.stats
+
+    def _close_sinks(self, ok: bool) -> None:
+        first: BaseException | None = None
+        for sink in self.sinks:
+            try:
+                sink.close() if ok else sink.abort()
+            except BaseException as exc:  # noqa: BLE001 - close every sink, report the first failure
+                first = first or exc
+        if first is not None and ok:
+            self.errors.append(first)
+
+    def _progress_bar(self):
+        if not self.progress:
+            return None
+        from tqdm import tqdm
+
+        total = self.max_frames
+        if not self.live and self.source.frame_count:
+            total = min(total or self.source.frame_count, self.source.frame_count)
+        return tqdm(total=total, unit="frame", desc="segmenting", dynamic_ncols=True, leave=False)

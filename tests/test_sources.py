@@ -1,0 +1,237 @@
+"""Sources on real files, folders and the synthetic pattern; fail-fast errors; live reopen with back-off."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from dilseg.runtime.sources import (LiveSource, SourceError, SyntheticSource, has_gstreamer, open_source,
+                                    test_frame)
+
+
+def _frames(n: int, w: int = 96, h: int = 64) -> list[np.ndarray]:
+    return [test_frame(i, w, h) for i in range(n)]
+
+
+# --------------------------------------------------------------------------- test://
+
+
+def test_pattern_is_deterministic_moving_and_has_distinct_regions() -> None:
+    a, b, c = test_frame(7, 160, 120), test_frame(7, 160, 120), test_frame(8, 160, 120)
+    assert a.shape == (120, 160, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)  # it moves
+    colours = {tuple(int(v) for v in px) for px in a.reshape(-1, 3)[::7]}
+    assert len(colours) >= 6  # sky, road texture, verge, blocks, disc
+
+
+def test_test_spec_size_frames_and_file_like() -> None:
+    src = open_source("test://160x120?frames=5")
+    assert isinstance(src, SyntheticSource) and not src.live and src.frame_count == 5
+    frames = list(src)
+    assert len(frames) == 5 and all(f.shape == (120, 160, 3) for f in frames)
+    assert all(np.array_equal(f, test_frame(i, 160, 120)) for i, f in enumerate(frames))
+    assert open_source("test://").read().shape == (480, 640, 3)  # default 640x480
+
+
+def test_live_test_source_is_paced_at_its_fps() -> None:
+    src = open_source("test://64x48?fps=50")
+    assert src.live and src.fps == 50
+    t0 = time.monotonic()
+    for _ in range(11):
+        assert src.read() is not None
+    elapsed = time.monotonic() - t0
+    src.close()
+    assert 0.17 <= elapsed < 1.0  # 10 intervals of 20 ms after the first frame
+
+
+def test_live_test_source_drops_and_is_reopened() -> None:
+    src = open_source("test://64x48?fps=0&drop_every=20", reopen_delay=0.01)
+    frames = [src.read() for _ in range(70)]
+    assert src.reopens == 3
+    # The reopened "camera" resumes: no frame is lost or repeated by the reconnect.
+    assert all(np.array_equal(f, test_frame(i, 64, 48)) for i, f in enumerate(frames))
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("test://10", "WxH"), ("test://64x48?bogus=1", "unknown option"), ("test://?fps=x", "not a number"),
+    ("test://?frames=0", "frames"),
+])
+def test_bad_test_specs(spec: str, words: str) -> None:
+    with pytest.raises(SourceError, match=words):
+        open_source(spec)
+
+
+# --------------------------------------------------------------------------- files and folders
+
+
+def test_video_file_every_frame_in_order(tmp_path: Path, write_video) -> None:
+    frames = _frames(12)
+    path = write_video(tmp_path / "v.avi", frames, fps=12, fourcc="MJPG")
+    src = open_source(str(path))
+    assert not src.live and src.fps == pytest.approx(12) and src.frame_count == 12
+    got, names = [], []
+    while (frame := src.read()) is not None:
+        got.append(frame)
+        names.append(src.name)
+    assert len(got) == 12 and src.corrupt_frames == 0
+    assert names == [f"{i:06d}" for i in range(12)]
+    # MJPG is lossy: compare against the frames themselves with a tolerance, in order.
+    for want, have in zip(frames, got):
+        assert np.abs(want.astype(int) - have.astype(int)).mean() < 6
+
+
+def test_corrupt_frames_mid_video_are_skipped_and_counted(tmp_path: Path, write_video) -> None:
+    rng = np.random.default_rng(0)
+    frames = [rng.integers(0, 255, (64, 96, 3), dtype=np.uint8) for _ in range(60)]
+    path = write_video(tmp_path / "v.mp4", frames)
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + 3000] = np.random.default_rng(1).integers(0, 256, 3000, dtype=np.uint8).tobytes()
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(bytes(data))
+    src = open_source(str(bad))
+    got = list(src)
+    assert src.corrupt_frames >= 1
+    assert len(got) >= 50  # decoding went on after the damage
+    assert len(got) + src.corrupt_frames == 60
+
+
+def test_folder_natural_order_and_corrupt_image_skipped(tmp_path: Path) -> None:
+    names = ["img1", "img2", "img10", "img11", "img3"]
+    for i, name in enumerate(names):
+        cv2.imwrite(str(tmp_path / f"{name}.png"), test_frame(i, 96, 64))
+    good = (tmp_path / "img4.jpg")
+    cv2.imwrite(str(good), test_frame(9, 96, 64))
+    (tmp_path / "img5.jpg").write_bytes(good.read_bytes()[:40])  # truncated JPEG
+    (tmp_path / "img6.jpg").write_bytes(b"not a jpeg at all" * 10)  # garbage
+    (tmp_path / "notes.txt").write_text("ignored")
+    src = open_source(str(tmp_path))
+    seen = []
+    while (frame := src.read()) is not None:
+        seen.append(src.name)
+        assert frame.shape == (64, 96, 3)
+    assert seen == ["img1", "img2", "img3", "img4", "img10", "img11"]
+    assert src.corrupt_frames == 2
+    assert {p.name for p in src.skipped} == {"img5.jpg", "img6.jpg"}
+
+
+def test_single_image(tmp_path: Path) -> None:
+    cv2.imwrite(str(tmp_path / "a.png"), test_frame(3, 96, 64))
+    src = open_source(str(tmp_path / "a.png"))
+    assert np.array_equal(src.read(), test_frame(3, 96, 64)) and src.name == "a"
+    assert src.read() is None
+    assert len(list(open_source(str(tmp_path / "a.png"), repeat=4))) == 4
+
+
+# --------------------------------------------------------------------------- failing fast
+
+
+def test_missing_camera_fails_fast_with_advice() -> None:
+    t0 = time.monotonic()
+    with pytest.raises(SourceError, match=r"no camera at index 42.*--source 0"):
+        open_source("42")
+    with pytest.raises(SourceError, match="no camera at index 42"):
+        open_source(42)
+    assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.parametrize("spec, words", [
+    ("ftp://example.com/v.mp4", r"unknown source scheme ftp://.*--source takes"),
+    ("nonexistent/video.mp4", "no such file or folder"),
+    ("v4l2src ! videoconvert", "does not end in appsink"),
+    ("csi://zero", "csi://N"),
+    ("", "empty source"),
+])
+def test_bad_specs_fail_before_anything_starts(spec: str, words: str) -> None:
+    with pytest.raises(SourceError, match=words):
+        open_source(spec)
+
+
+def test_unreadable_files(tmp_path: Path) -> None:
+    (tmp_path / "clip.mp4").write_bytes(b"\x00" * 1000)
+    with pytest.raises(SourceError, match="cannot open as a video"):
+        open_source(str(tmp_path / "clip.mp4"))
+    (tmp_path / "pic.jpg").write_bytes(b"garbage")
+    with pytest.raises(SourceError, match="cannot decode this image"):
+        open_source(str(tmp_path / "pic.jpg"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SourceError, match="no images in this folder"):
+        open_source(str(empty))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "x.jpg").write_bytes(b"garbage")
+    with pytest.raises(SourceError, match="none of its 1 images"):
+        open_source(str(bad))
+
+
+def test_stream_url_that_does_not_answer_fails_fast() -> None:
+    t0 = time.monotonic()
+    with pytest.raises(SourceError, match="cannot open the stream"):
+        open_source("rtsp://127.0.0.1:9/none", timeout_ms=2000)
+    assert time.monotonic() - t0 < 15
+
+
+@pytest.mark.skipif(has_gstreamer(), reason="this OpenCV has GStreamer")
+def test_gstreamer_sources_need_gstreamer() -> None:
+    with pytest.raises(SourceError, match="GStreamer: NO"):
+        open_source("csi://0")
+    with pytest.raises(SourceError, match="needs OpenCV built with GStreamer"):
+        open_source("videotestsrc ! videoconvert ! appsink")
+
+
+# --------------------------------------------------------------------------- reopen with back-off
+
+
+def test_live_capture_reopens_with_exponential_backoff(tmp_path: Path, write_video, caplog) -> None:
+    """A real cv2.VideoCapture on a file stands in for a camera: when it ends the read fails
+    (a drop); the file is missing for a while, so reopen attempts fail and back off, then it
+    comes back and the source continues."""
+    path = write_video(tmp_path / "cam.avi", _frames(3), fourcc="MJPG")
+    hidden = tmp_path / "away.avi"
+    src = LiveSource("cam", lambda: cv2.VideoCapture(str(path)), "no cam", reopen_delay=0.05,
+                     reopen_max_delay=1.0, reopen_attempts=8)
+    for _ in range(3):
+        assert src.read() is not None
+    shutil.move(path, hidden)
+    restore = threading.Timer(0.45, lambda: shutil.move(hidden, path))
+    restore.start()
+    caplog.set_level(logging.WARNING, logger="dilseg.sources")
+    t0 = time.monotonic()
+    frame = src.read()
+    waited = time.monotonic() - t0
+    restore.join()
+    assert frame is not None and src.reopens == 1 and not src.lost
+    delays = [float(r.getMessage().split("reopening in ")[1].split("s")[0])
+              for r in caplog.records if "reopening in" in r.getMessage()]
+    assert delays[:4] == [0.05, 0.1, 0.2, 0.4][: len(delays[:4])] and len(delays) >= 3
+    assert any("reopened after" in r.getMessage() for r in caplog.records)
+    assert 0.4 < waited < 3.0
+    src.close()
+
+
+def test_live_capture_gives_up_after_its_attempts(tmp_path: Path, write_video) -> None:
+    path = write_video(tmp_path / "cam.avi", _frames(2), fourcc="MJPG")
+    src = LiveSource("cam", lambda: cv2.VideoCapture(str(path)), "no cam", reopen_delay=0.01, reopen_attempts=3)
+    assert src.read() is not None and src.read() is not None
+    os.unlink(path)
+    assert src.read() is None
+    assert src.lost and src.reopens == 0
+
+
+def test_interrupt_wakes_a_waiting_live_source() -> None:
+    src = open_source("test://64x48?fps=0.5")
+    src.read()  # the validation frame; the next one is 2 s away
+    threading.Timer(0.2, src.interrupt).start()
+    t0 = time.monotonic()
+    assert src.read() is None
+    assert time.monotonic() - t0 < 1.0
