@@ -51,14 +51,16 @@ class Meter:
             self._trim(now)
             fps = self._fps(now)
             sums: dict[str, float] = {}
+            counts: dict[str, int] = {}
             for _, timings in self._ticks:
                 for stage, ms in timings.items():
                     sums[stage] = sums.get(stage, 0.0) + ms
-            n = max(len(self._ticks), 1)
+                    counts[stage] = counts.get(stage, 0) + 1
             return {
                 "frames": self.frames,
                 "fps": round(fps, 2),
-                "latency_ms": {stage: round(total / n, 2) for stage, total in sums.items()},
+                # Each stage over the frames that went through it (a shared encode is skipped).
+                "latency_ms": {stage: round(total / counts[stage], 2) for stage, total in sums.items()},
                 "fps_history": list(self._history),
                 "seconds": round(now - self.started, 1),
             }

@@ -7,6 +7,7 @@ message on the page; the rest of the page keeps working.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import os
 import shutil
@@ -41,10 +42,12 @@ SOURCE_HELP = ("What the server opens: a camera index (`0`), a stream URL (`rtsp
 
 
 def session_id() -> str:
+    """A name for this browser session in URLs and stats: a hash, so the stats route does not
+    publish Streamlit's session ids."""
     from streamlit.runtime.scriptrunner import get_script_run_ctx
 
     ctx = get_script_run_ctx()
-    return ctx.session_id if ctx else "local"
+    return hashlib.sha1((ctx.session_id if ctx else "local").encode()).hexdigest()[:12]
 
 
 @st.cache_resource(max_entries=4, show_spinner="Loading the model…")
@@ -229,7 +232,7 @@ def server_source(segmenter: Segmenter, settings: ViewSettings) -> None:
         spec = st.text_input("Camera or stream", value=os.environ.get(ENV_SOURCE, "0"), key="server_spec",
                              help=SOURCE_HELP).strip()
         start, stop = st.columns(2)
-        if start.button("Start", key="server_start", type="primary", use_container_width=True):
+        if start.button("Start", key="server_start", type="primary", width="stretch"):
             try:
                 worker = shared_camera.acquire(spec, segmenter)
                 st.session_state["server_running"] = worker.spec
@@ -237,7 +240,7 @@ def server_source(segmenter: Segmenter, settings: ViewSettings) -> None:
                 msg = str(exc) if type(exc).__name__ == "SourceError" else f"{type(exc).__name__}: {exc}"
                 st.error(f"Cannot open `{spec}`: {msg}")
                 st.session_state["server_running"] = None
-        if stop.button("Stop", key="server_stop", use_container_width=True):
+        if stop.button("Stop", key="server_stop", width="stretch"):
             st.session_state["server_running"] = None
         running = st.session_state.get("server_running")
         worker = shared_camera.running(running) if running else None

@@ -8,30 +8,16 @@ Jetson and a laptop, and JPEG-encoding a 640x480 frame costs a few milliseconds.
 from __future__ import annotations
 
 import asyncio
-import time
 
-import cv2
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
-
-from dilseg.runtime.postprocess import render
 
 from . import shared_camera, webcam
 from .settings import ViewSettings
 
 PREFIX = "/dilseg"
 BOUNDARY = "dilsegframe"
-JPEG_QUALITY = 80
-
-
-def encode_jpeg(result: shared_camera.Result, settings: ViewSettings) -> tuple[bytes, float]:
-    t0 = time.perf_counter()
-    image = render(result.frame, result.labels, result.meta, settings.view, settings.alpha, settings.visible_list)
-    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
-    if not ok:  # pragma: no cover - OpenCV encodes any uint8 BGR image
-        raise RuntimeError("JPEG encoding failed")
-    return buf.tobytes(), (time.perf_counter() - t0) * 1e3
 
 
 async def stream(request: Request):
@@ -54,7 +40,7 @@ async def stream(request: Request):
             except RuntimeError:  # the loop closed under us: the server is shutting down
                 pass
 
-        meter = worker.connect(viewer, listener)
+        meter = worker.connect(viewer, listener, settings)
         seq = 0
         try:
             while worker.alive:
@@ -67,13 +53,14 @@ async def stream(request: Request):
                 if result is None or result.seq <= seq:
                     continue
                 seq = result.seq
-                # Rendering runs in a thread: the event loop also serves Streamlit.
-                jpeg, ms = await asyncio.to_thread(encode_jpeg, result, settings)
-                meter.tick({"render+jpeg": ms})
+                jpeg = result.jpegs.get(settings)
+                if jpeg is None:  # a frame made before this stream registered its view
+                    jpeg = await asyncio.to_thread(shared_camera.encode_view, result, settings)
+                meter.tick()
                 yield (f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n"
                        .encode() + jpeg + b"\r\n")
         finally:
-            worker.disconnect(viewer, listener)
+            worker.disconnect(viewer, listener, settings)
 
     return StreamingResponse(frames(), media_type=f"multipart/x-mixed-replace; boundary={BOUNDARY}",
                              headers={"Cache-Control": "no-store"})

@@ -10,19 +10,24 @@ seconds closes its source and leaves the registry.
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 import time
 from dataclasses import dataclass, field
 
+import cv2
 import numpy as np
 
 from dilseg.runtime.metadata import ModelMeta
+from dilseg.runtime.postprocess import render
 from dilseg.runtime.segmenter import Segmenter
 
 from .meter import Meter
+from .settings import ViewSettings
 
 IDLE_S = 10.0  # seconds a worker runs on with no stream open and no page showing it
 FILE_FPS = 10.0  # pace of a looping still image or a file without a frame rate
+JPEG_QUALITY = 80
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,21 @@ class Result:
     labels: np.ndarray  # HxW class ids at frame size
     meta: ModelMeta
     timings: dict[str, float] = field(default_factory=dict)
+    jpegs: dict[ViewSettings, bytes] = field(default_factory=dict)  # the views viewers asked for
+
+
+def encode_view(result: Result, settings: ViewSettings, quality: int = JPEG_QUALITY) -> bytes:
+    """One viewer's picture of a result, as JPEG."""
+    image = render(result.frame, result.labels, result.meta, settings.view, settings.alpha, settings.visible_list)
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:  # pragma: no cover - OpenCV encodes any uint8 BGR image
+        raise RuntimeError("JPEG encoding failed")
+    return buf.tobytes()
+
+
+def redact(spec: str) -> str:
+    """A spec fit to show: stream credentials (rtsp://user:pass@host) hidden."""
+    return re.sub(r"(://)[^/@]*@", r"\1***@", spec)
 
 
 def worker_id(spec: str) -> str:
@@ -53,6 +73,7 @@ class CameraWorker:
         self._latest: Result | None = None
         self._stop = threading.Event()
         self._viewers: dict[str, Meter] = {}
+        self._views: dict[ViewSettings, int] = {}  # settings of the open streams (refcounted)
         self._listeners: list = []  # thread-safe callables told about every new result
         self._connections = 0
         self._last_wanted = time.monotonic()
@@ -87,22 +108,29 @@ class CameraWorker:
         self.segmenter = segmenter
 
     # -- viewers ---------------------------------------------------------------------------
-    def connect(self, viewer: str, listener=None) -> Meter:
+    def connect(self, viewer: str, listener=None, settings: ViewSettings | None = None) -> Meter:
         """A viewer starts watching; ``listener()`` is then called (from the worker thread)
-        after every new result. Returns the viewer's display meter."""
+        after every new result, which carries the JPEG of ``settings``. Returns the
+        viewer's display meter."""
         with self._cond:
             self._connections += 1
             meter = self._viewers.setdefault(viewer, Meter())
             if listener is not None:
                 self._listeners.append(listener)
+            if settings is not None:
+                self._views[settings] = self._views.get(settings, 0) + 1
         self.touch()
         return meter
 
-    def disconnect(self, viewer: str, listener=None) -> None:
+    def disconnect(self, viewer: str, listener=None, settings: ViewSettings | None = None) -> None:
         with self._cond:
             self._connections -= 1
             if listener is not None and listener in self._listeners:
                 self._listeners.remove(listener)
+            if settings is not None and settings in self._views:
+                self._views[settings] -= 1
+                if self._views[settings] <= 0:
+                    del self._views[settings]
         self.touch()
 
     def latest(self) -> Result | None:
@@ -144,9 +172,20 @@ class CameraWorker:
                 seg = segmenter(frame)
                 seq += 1
                 timings = {"capture": (t1 - t0) * 1e3, **seg.timings}
+                index = getattr(self._source, "index", seq - 1)
+                result = Result(seq, index, frame, seg.labels, segmenter.meta, timings)
+                # Draw each requested view here, once per frame: however many tabs watch,
+                # a frame is rendered and JPEG-encoded once per distinct view, and a stream
+                # shows every frame the worker makes instead of racing it for the CPU.
                 with self._cond:
-                    index = getattr(self._source, "index", seq - 1)
-                    self._latest = Result(seq, index, frame, seg.labels, segmenter.meta, timings)
+                    views = list(self._views)
+                t2 = time.perf_counter()
+                for settings in views:
+                    result.jpegs[settings] = encode_view(result, settings)
+                if views:
+                    timings["render+jpeg"] = (time.perf_counter() - t2) * 1e3
+                with self._cond:
+                    self._latest = result
                     self._cond.notify_all()
                     listeners = list(self._listeners)
                 for listener in listeners:
@@ -180,7 +219,7 @@ class CameraWorker:
             connections = self._connections
         return {
             "id": self.id,
-            "spec": self.spec,
+            "spec": redact(self.spec),
             "alive": self.alive,
             "error": self.error,
             "model": self.segmenter.meta.model,
@@ -257,7 +296,8 @@ def stats() -> dict:
     with _lock:
         workers = list(_workers.values())
         opened = dict(_opened)
-    return {"workers": {w.spec: w.stats() for w in workers}, "opened": opened}
+    return {"workers": {redact(w.spec): w.stats() for w in workers},
+            "opened": {redact(spec): n for spec, n in opened.items()}}
 
 
 def stop_all() -> None:

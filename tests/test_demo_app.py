@@ -412,15 +412,20 @@ def test_ice_servers_default_to_none_and_come_from_the_launcher(monkeypatch):
         ice_servers()
 
 
+def test_stats_hide_stream_credentials():
+    assert shared_camera.redact("rtsp://admin:s3cret@10.0.0.2:554/live") == "rtsp://***@10.0.0.2:554/live"
+    assert shared_camera.redact("test://640x480?fps=30") == "test://640x480?fps=30"
+
+
 def test_meter_counts_frames_and_averages_stages():
     from dilseg.demo.meter import Meter
 
     m = Meter(window_s=5.0)
     for i in range(6):
-        m.tick({"infer": 2.0 * (i % 2 + 1)})
+        m.tick({"infer": 2.0 * (i % 2 + 1)} if i < 4 else {"infer": 3.0, "jpeg": 5.0})
         time.sleep(0.01)
     snap = m.snapshot()
-    assert snap["frames"] == 6 and snap["latency_ms"] == {"infer": 3.0}
+    assert snap["frames"] == 6 and snap["latency_ms"] == {"infer": 3.0, "jpeg": 5.0}
     assert 20 < snap["fps"] < 120
 
 
