@@ -161,6 +161,8 @@ class CameraWorker:
                 frame = self._source.read()
                 t1 = time.perf_counter()
                 if frame is None:
+                    if self._stop.is_set():  # stop() interrupted the read: not the source's fault
+                        break
                     if self._source.live or self._reopen is None:
                         self.error = (f"{self.spec}: the source stopped delivering frames"
                                       if self._source.live else f"{self.spec}: end of the video")
@@ -250,6 +252,10 @@ def acquire(spec: str, segmenter: Segmenter) -> CameraWorker:
     source once. Raises the source's own error (SourceError) when it cannot be opened.
     """
     spec = spec.strip()
+    with _lock:
+        dying = _workers.get(spec)
+    if dying is not None and not dying.alive:
+        dying.join(5)  # outside the lock (it needs the lock to leave): let it release the device
     with _lock:
         worker = _workers.get(spec)
         if worker is not None and worker.alive:

@@ -380,6 +380,29 @@ def test_two_tabs_share_one_worker_and_one_open(monkeypatch, model, segmenter, c
     np.testing.assert_array_equal(result.frame, test_frame(result.index, 160, 120))
 
 
+def test_a_stopped_source_can_be_started_again(monkeypatch, model, cameras):
+    spec = "test://64x48?fps=20"
+    at = start_server_source(app(monkeypatch, model, source="server"), spec)
+    first = shared_camera.running(spec)
+    assert first is not None
+    shared_camera.stop_all()
+    assert shared_camera.running(spec) is None
+    at.run()
+    assert f"`{spec}` is no longer running" in messages(at)
+    start_server_source(at, spec)
+    second = shared_camera.running(spec)
+    assert second is not None and second is not first and second.alive and not messages(at)
+
+
+def test_a_video_file_as_server_source_loops(monkeypatch, tmp_path, model, cameras):
+    clip = write_clip(tmp_path / "loop.avi", [picture_of_blocks(48, 64)] * 3, fps=30)
+    at = start_server_source(app(monkeypatch, model, source="server"), str(clip))
+    assert not messages(at)
+    worker = shared_camera.running(str(clip))
+    wait_for(lambda: worker.meter.snapshot()["frames"] > 7, what="the clip to play past its end")
+    assert worker.alive and worker.error is None
+
+
 # ---------------------------------------------------------------------------------- small parts
 
 
