@@ -252,3 +252,34 @@ def test_int8_dynamic_model_calibrates_at_frame_size(tmp_path_factory, tmp_path)
     x = np.random.default_rng(0).normal(size=(1, 3, 48, 80)).astype(np.float32)
     assert sess.run(None, {"input": x})[0].shape == (1, 48, 80)
     assert Counter(n.op_type for n in onnx.load(str(out)).graph.node)["QuantizeLinear"] > 10
+
+
+@pytest.mark.slow
+def test_measure_precisions_script_prints_the_model_card_table(tmp_path_factory, tmp_path) -> None:
+    """The lead's script, on the tiny model with few images and runs: every variant measured."""
+    import subprocess
+    import sys
+
+    from precision_helpers import REPO
+
+    out = tmp_path / "m.json"
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "measure_precisions.py"), str(tiny_onnx(tmp_path_factory)),
+                        "--weights", str(tiny_weights(tmp_path_factory)), "--data", str(CAMVID), "--limit", "3",
+                        "--calib-images", "4", "--runs", "3", "--warmup", "1", "--json", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "variant" not in line]
+    assert [row.split("|")[1].strip() for row in rows] == ["fp32", "fp16", "int8 tensorrt", "int8 cpu"]
+    d = json.loads(out.read_text())
+    assert d["accuracy"]["fp32"]["agreement"] == 100.0 and d["accuracy"]["fp16"]["agreement"] > 99
+    assert all(ms > 0 for ms in d["latency_ms"].values()) and d["input_size"] == list(SIZE)
+    assert "fp16 loses <= 0.1 points" in r.stdout
+    # A weights file the ONNX was not exported from is refused before anything is built.
+    from dilseg.export.weights import save_weights
+
+    other = tmp_path / "other.safetensors"
+    model, _ = load_model(tiny_weights(tmp_path_factory))
+    save_weights(model, other, "edge_s", read_meta(tiny_onnx(tmp_path_factory)).classes, note="different header")
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "measure_precisions.py"), str(tiny_onnx(tmp_path_factory)),
+                        "--weights", str(other), "--data", str(CAMVID)], capture_output=True, text=True)
+    assert r.returncode != 0 and "not the file" in r.stderr
