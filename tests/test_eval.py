@@ -150,3 +150,36 @@ def test_eval_help_teaches_with_examples(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     assert "dilseg eval --model" in capsys.readouterr().out
+
+
+BLOCK_TORCH = """
+import sys
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError("torch is blocked in this test")
+sys.meta_path.insert(0, _NoTorch())
+from dilseg.runtime.cli import main
+"""
+
+
+def test_eval_and_verify_of_onnx_need_no_torch(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    crafted_case(tmp_path / "data")
+    model = rgb_argmax_onnx(tmp_path / "rgb.onnx")
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"\0" * 16)
+    code = BLOCK_TORCH + f"""
+rc = main(["eval", "--model", {str(model)!r}, "--data", {str(tmp_path / "data")!r}, "--no-progress"])
+rc |= main(["verify", {str(model)!r}, {str(model)!r}, "--data", {str(tmp_path / "data")!r}, "--no-progress",
+            "--min-agreement", "100"])
+print("RC", rc, "TORCH", "torch" in sys.modules)
+rc = main(["eval", "--model", {str(weights)!r}, "--data", {str(tmp_path / "data")!r}])
+print("WEIGHTS_RC", rc)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "RC 0 TORCH False" in r.stdout, r.stderr
+    # Weights need PyTorch: without it the user is told so, in one line.
+    assert "WEIGHTS_RC 2" in r.stdout and "needs PyTorch" in r.stderr and "Traceback" not in r.stderr
