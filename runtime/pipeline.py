@@ -179,7 +179,9 @@ class Pipeline:
         self.on_result, self.progress, self.handle_signals = on_result, progress, handle_signals
         self.live = source.live
         self.frames_q = LatestSlot() if self.live else queue.Queue(maxsize=queue_size)
-        self.results_q: queue.Queue = queue.Queue(maxsize=queue_size)
+        # Live: a one-deep hand-off, so a slow output pushes back on inference (which then takes
+        # the newest frame) instead of building a backlog of stale results.
+        self.results_q: queue.Queue = queue.Queue(maxsize=1 if self.live else queue_size)
         self.stop_event = threading.Event()
         self.stats = PipelineStats(warmup=warmup)
         self.errors: list[BaseException] = []
@@ -227,6 +229,13 @@ class Pipeline:
                     except queue.Empty:
                         return _END
 
+    def _wait_for_room(self, q: queue.Queue) -> None:
+        """Live: take a frame only once its result can be handed on at once; a frame taken
+        earlier would age while waiting, and the newer one the camera delivers meanwhile would
+        be the better choice."""
+        while q.full() and not self.stop_event.is_set() and not self.errors:
+            time.sleep(0.002)  # short polls: the wait is about one output period
+
     # ------------------------------------------------------------------ stages
 
     def _capture(self) -> None:
@@ -257,6 +266,8 @@ class Pipeline:
         taken = 0
         try:
             while True:
+                if self.live:
+                    self._wait_for_room(self.results_q)
                 item = self._get(self.frames_q, self.captured)
                 if item is _END or self.errors:
                     break
