@@ -182,8 +182,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         rss += f" (after {probe.after} frames {probe.warm * mib:.1f} MiB, at the end {probe.last * mib:.1f} MiB)"
     print(rss)
     for sink in sinks:
-        if sink.spec != "none" and not sink.spec.startswith("window"):
-            print(f"wrote {sink.spec} ({getattr(sink, 'count', 0)} frames)")
+        if not sink.spec.startswith("window"):
+            count = getattr(sink, "count", 0)
+            print(f"wrote {sink.spec} ({count} frames)" if count else f"nothing written to {sink.spec}")
     return 130 if stats.stopped_by == "SIGINT" else 0
 
 

@@ -451,7 +451,7 @@ class LiveSource(Source):
                 ok, frame = self._cap_read()
                 if ok:
                     break
-                if not self._reconnect():
+                if not self.live or not self._reconnect():  # a file over HTTP just ends
                     return None
         if self.pace:
             # A late reader does not get a burst of catch-up frames, as with a real camera.
