@@ -65,6 +65,9 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--train-command", required=True)
     ap.add_argument("--runs", type=int, default=100, help="latency runs (median reported)")
+    ap.add_argument("--section", action="append", default=[], metavar="MD",
+                    help="markdown file appended to the card (e.g. the width and precision tables, "
+                         "each with the command that measured it); repeatable")
     args = ap.parse_args()
     run, onnx_path = Path(args.run), Path(args.onnx)
     weights = Path(args.weights or run / "best.safetensors")
@@ -135,6 +138,8 @@ ONNX Runtime CPU, batch 1, 360x480, median of {args.runs} runs after warm-up: **
 `python scripts/profile_model.py --model edge_m --onnx models/{onnx_path.name}` reproduces it
 next to PyTorch eager.
 """
+    for section in args.section:
+        card += "\n" + Path(section).read_text().strip() + "\n"
     Path(f"{stem}.md").write_text(card)
     print(card)
 

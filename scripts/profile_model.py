@@ -3,6 +3,7 @@ CPU latency vs PyTorch eager measured side by side in one run.
 
     python scripts/profile_model.py --model edge_m --size 360x480 --runs 50
     python scripts/profile_model.py --model edge_m --onnx models/edge_m_camvid.onnx
+    python scripts/profile_model.py --model edge_s,edge_m,edge_l   # width trade-off, one run
 
 Prints a markdown table; nothing is asserted (benchmarks print, tests assert).
 """
@@ -45,36 +46,59 @@ def median_ms(fn, runs: int, warmup: int = 5) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(fns: dict[str, object], runs: int, warmup: int = 5) -> dict[str, float]:
+    """Median ms of each function, timed round-robin so background load on a shared box hits
+    every contender alike (ratios from one run are what this script reports)."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="edge_m")
+    ap.add_argument("--model", default="edge_m", help="zoo name, or several comma-separated (edge_s,edge_m,edge_l)")
     ap.add_argument("--size", default="360x480")
-    ap.add_argument("--onnx", help="time this ONNX instead of a fresh export of the model")
+    ap.add_argument("--onnx", help="time this ONNX instead of a fresh export (one --model only)")
     ap.add_argument("--runs", type=int, default=50)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     args = ap.parse_args()
     size = parse_size(args.size)
+    names = [n.strip() for n in args.model.split(",") if n.strip()]
+    if args.onnx and len(names) != 1:
+        ap.error("--onnx goes with exactly one --model")
     torch.set_num_threads(args.threads)
-    model = create_model(args.model).eval()
-    params = sum(p.numel() for p in model.parameters())
-    flops = gflops(model, size)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = args.onnx
-        if not path:
-            path = os.path.join(tmp, "m.onnx")
-            export_onnx(model, camvid_meta(args.model, size), path, size)
-        backend = OnnxRuntimeBackend(path, threads=args.threads).load()
-        x = np.random.default_rng(0).standard_normal((1, 3, *size)).astype(np.float32)
-        xt = torch.from_numpy(x)
-        with torch.no_grad():
-            # Same input, alternating blocks, one process: the ratio is what matters on a shared box.
-            ort_ms = median_ms(lambda: backend.infer(x), args.runs)
-            torch_ms = median_ms(lambda: model(xt).argmax(1), args.runs)
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, threads={args.threads}")
+    x = np.random.default_rng(0).standard_normal((1, 3, *size)).astype(np.float32)
+    xt = torch.from_numpy(x)
+    models, backends, fns = {}, {}, {}
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        for name in names:
+            model = create_model(name).eval()
+            path = args.onnx or os.path.join(tmp, f"{name}.onnx")
+            if not args.onnx:
+                export_onnx(model, camvid_meta(name, size), path, size)
+            backend = OnnxRuntimeBackend(path, threads=args.threads).load()
+            models[name], backends[name] = model, backend
+            fns[f"{name} ort"] = lambda b=backend: b.infer(x)
+            fns[f"{name} torch"] = lambda m=model: m(xt).argmax(1)
+        ms = interleaved_medians(fns, args.runs)
+        for backend in backends.values():
+            backend.close()
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, threads={args.threads}, "
+          f"median of {args.runs} interleaved runs")
     print("| model | params | GFLOPs @%dx%d | ONNX Runtime CPU ms (FPS) | PyTorch eager ms | ORT speed-up |" % size)
     print("|---|---|---|---|---|---|")
-    print(f"| {args.model} | {params / 1e6:.2f} M | {flops:.2f} | {ort_ms:.1f} ({1000 / ort_ms:.1f}) | {torch_ms:.1f} "
-          f"| {torch_ms / ort_ms:.2f}x |")
+    for name, model in models.items():
+        params = sum(p.numel() for p in model.parameters())
+        ort_ms, torch_ms = ms[f"{name} ort"], ms[f"{name} torch"]
+        print(f"| {name} | {params / 1e6:.2f} M | {gflops(model, size):.2f} | {ort_ms:.1f} ({1000 / ort_ms:.1f}) "
+              f"| {torch_ms:.1f} | {torch_ms / ort_ms:.2f}x |")
 
 
 if __name__ == "__main__":
