@@ -273,7 +273,11 @@ def image_source(segmenter: Segmenter, settings: ViewSettings) -> None:
     except MediaError as exc:
         st.error(str(exc))
         return
-    result = segment_image(image, segmenter, settings)
+    try:
+        result = segment_image(image, segmenter, settings)
+    except Exception as exc:  # noqa: BLE001 - the page must stay usable whatever the backend raises
+        st.error(f"Segmenting {upload.name} failed: {type(exc).__name__}: {exc}. Try another model or backend.")
+        return
     stem = Path(upload.name).stem
     picture, panel = st.columns([3, 2])
     with picture:
@@ -317,6 +321,10 @@ def video_source(segmenter: Segmenter, settings: ViewSettings, model_key: tuple)
         except MediaError as exc:
             bar.empty()
             st.error(str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - a backend or encoder failure mid-video
+            bar.empty()
+            st.error(f"Segmenting {upload.name} failed: {type(exc).__name__}: {exc}. Try another model or backend.")
             return
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # the result now lives in the session

@@ -26,6 +26,7 @@ async def stream(request: Request):
         return PlainTextResponse("no such running source; press Start on the page", status_code=404)
     try:
         settings = ViewSettings.from_query(dict(request.query_params))
+        settings.check_classes(worker.segmenter.meta.num_classes)
     except ValueError as exc:
         return PlainTextResponse(f"bad view settings: {exc}", status_code=400)
     viewer = request.query_params.get("viewer", "anonymous")

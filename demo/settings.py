@@ -31,6 +31,15 @@ class ViewSettings:
             raise ValueError(f"view must be one of {', '.join(VIEWS)}, got {self.view!r}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be within 0..1, got {self.alpha}")
+        bad = [c for c in self.visible or () if not 0 <= c <= 255]
+        if bad:
+            raise ValueError(f"class ids must be within 0..255, got {bad}")
+
+    def check_classes(self, num_classes: int) -> None:
+        """Refuse ids the model does not have (a hand-edited stream URL), before any frame is drawn."""
+        bad = [c for c in self.visible or () if c >= num_classes]
+        if bad:
+            raise ValueError(f"the model has classes 0..{num_classes - 1}; got {bad}")
 
     @property
     def visible_list(self) -> list[int] | None:

@@ -31,6 +31,10 @@ from .weights import atomic_write, save_weights
 from .zoo import create_model
 
 
+class TrainError(ValueError):
+    """A training run that cannot start as asked (the message says what to change)."""
+
+
 @dataclass
 class TrainConfig:
     model: str = "edge_m"
@@ -139,12 +143,19 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if resume and ckpt_path.exists():
         ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
         if ckpt["config"]["model"] != cfg.model:
-            raise ValueError(f"{ckpt_path} is a {ckpt['config']['model']} run, not {cfg.model}")
+            raise TrainError(f"{ckpt_path} is a {ckpt['config']['model']} run, not {cfg.model}; "
+                             "pass the same --model, or a new --out to start another run")
+        changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
+                   if k in ("epochs", "lr", "batch_size", "crop", "weight_decay") and v != getattr(cfg, k, v)}
+        if changed:
+            # The schedule is a function of these: resuming with new ones bends the curve.
+            print("note: resuming with changed settings " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
+                  flush=True)
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         start_epoch, best = ckpt["epoch"] + 1, ckpt["best_miou"]
         rng.setstate(ckpt["py_rng"])
-        torch.set_rng_state(ckpt["torch_rng"])
+        torch.set_rng_state(ckpt["torch_rng"].cpu())  # a CPU ByteTensor, even when mapped to a GPU
         print(f"resumed {ckpt_path} at epoch {start_epoch} (best val mIoU {best:.4f})", flush=True)
     elif resume:
         print(f"no checkpoint at {ckpt_path}; starting from scratch", flush=True)

@@ -17,7 +17,7 @@ from .pipeline import FrameResult, Pipeline, PipelineStats, StageTimes
 from .preprocess import preprocess
 from .segmenter import Segmenter
 from .sinks import Sink
-from .sources import Source
+from .sources import Source, SourceError
 
 
 def rss_bytes() -> int | None:
@@ -119,9 +119,14 @@ class BenchResult:
 
         path = Path(path)
         fd, tmp = _temp_beside(path, ".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(self.to_dict(), f, indent=2, default=float)
-        os.replace(tmp, path)
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(self.to_dict(), f, indent=2, default=float)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 def _summary(times: StageTimes) -> dict:
@@ -162,7 +167,7 @@ def bench(source: Source, backend, frames: int = 200, warmup: int = 20, model: s
                                     on_result=keep, progress=progress).run()
     probe.end()
     if "frame" not in last:
-        raise ValueError(f"{source.spec}: the source gave no frame to benchmark")
+        raise SourceError(f"{source.spec}: the source gave no frame to benchmark; check it with `dilseg run --source ...`")
     tensor = preprocess(last["frame"], backend.meta)
     raw_fps, raw_ms, raw_split = raw_inference(backend, tensor, max(1, stats.measured_frames or frames), min(warmup, 10))
     mib = 1 / (1 << 20)

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # user-facing errors carry their own message
-        if type(exc).__name__ in USER_ERRORS or isinstance(exc, (CliError, FileNotFoundError, PermissionError)):
+        if type(exc).__name__ in USER_ERRORS or isinstance(exc, (CliError, OSError)):
             print(f"dilseg {args.command}: error: {exc}", file=sys.stderr)
             return 2
         raise
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 USER_ERRORS = {
     "CliError", "ExportError", "WeightsError", "UnknownModelError", "MetadataError", "DatasetError",
     "BackendError", "SourceError", "SinkError", "EngineError", "BuildError", "VerifyError", "QuantizeError",
-    "OSError",
+    "TrainError", "TrtCompatError",
 }
 
 

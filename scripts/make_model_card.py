@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dilseg.export.weights import load_model, read_weights_info
+from dilseg.export.weights import atomic_write, load_model, read_weights_info
 from dilseg.runtime.dataset import SegmentationDataset
 from dilseg.runtime.evaluate import evaluate, open_model
 
@@ -43,8 +43,13 @@ def plot_curve(log: list[dict], path: Path) -> None:
     ax2.set_ylabel("CamVid val mIoU (%)", color="tab:red")
     ax1.set_title("edge model on CamVid train (from scratch)")
     fig.tight_layout()
-    fig.savefig(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
+
+
+def write_text(path: Path, text: str) -> None:
+    """The CI guards read these files: complete or absent."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def cpu_name() -> str:
@@ -90,7 +95,7 @@ def main() -> None:
                "val_class_accuracy": scores["class_accuracy"], "val_iou": scores["iou"],
                "ort_cpu_latency_ms_360x480": round(latency, 2), "params": params, "gflops_360x480": round(flops, 2),
                "best_epoch": int(info.get("epoch", 0)), "epochs": len(log), "machine": f"{cpu_name()}, {os.cpu_count()} cores"}
-    Path(f"{stem}.metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_text(Path(f"{stem}.metrics.json"), json.dumps(metrics, indent=2) + "\n")
 
     rows = "\n".join(f"| {name} | {iou:.1f} |" for name, iou in scores["iou"].items())
     best = max(log, key=lambda r: float(r["val_miou"]))
@@ -140,7 +145,7 @@ next to PyTorch eager.
 """
     for section in args.section:
         card += "\n" + Path(section).read_text().strip() + "\n"
-    Path(f"{stem}.md").write_text(card)
+    write_text(Path(f"{stem}.md"), card)
     print(card)
 
 

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -306,6 +307,22 @@ def test_server_camera_is_shared_segmented_and_fast(server, browser, segmenter):
                  30, "both tabs to receive frames")
         assert get_stats(server)["cameras"]["opened"][spec] == opened == 1
         second.screenshot(path=str(ARTIFACTS / "demo_browser_server_camera_tab2.png"), full_page=True)
+
+        # A hand-edited stream URL asking for classes the model lacks is refused, and the
+        # shared worker keeps serving the two tabs.
+        src = page.evaluate("document.querySelector('img#dilseg-stream').src")
+        base = src.split("?", 1)[0]
+        for bad in ("classes=11", "classes=300", "classes=-1", "classes=road", "alpha=2"):
+            try:
+                urllib.request.urlopen(f"{base}?{bad}", timeout=5)
+                code = 200
+            except urllib.error.HTTPError as exc:
+                code, body = exc.code, exc.read().decode()
+            assert code == 400, f"{bad}: answered {code}"
+            assert "bad view settings" in body
+        before = viewers_frames()
+        wait_for(lambda: viewers_frames() > before + 10 and worker().get("alive", True), 20,
+                 "the worker to keep serving after refused requests")
     finally:
         page.close()
         if second is not None:

@@ -39,6 +39,13 @@ def test_train_logs_checkpoints_and_resumes(tmp_path) -> None:
         assert (tmp_path / "run" / name).stat().st_size > 0
     assert not list((tmp_path / "run").glob("*.part"))
 
+    # Resuming another model's run is refused in one line, not a traceback.
+    r = subprocess.run([sys.executable, "-m", "dilseg.runtime.cli", "train", "--model", "edge_m", "--data", str(CAMVID),
+                        "--out", str(tmp_path / "run"), "--epochs", "3", "--resume", "--max-train-images", "4"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "is a edge_s run, not edge_m" in r.stderr and "--out" in r.stderr
+
 
 @needs_camvid
 def test_same_seed_same_weights(tmp_path) -> None:

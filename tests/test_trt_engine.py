@@ -179,6 +179,30 @@ def test_gpu_preprocess_and_render_match_cpu_path(engine):
 
 @pytest.mark.gpu
 @pytest.mark.tensorrt
+def test_kernels_that_cannot_compile_fall_back_to_cpu_preprocessing(engine, monkeypatch):
+    # No nvcc on PATH is the usual cause on a Jetson: pycuda's compiler then fails to start.
+    import dilseg.runtime.cuda_preprocess as cp
+    from dilseg.runtime.preprocess import preprocess
+
+    def no_nvcc():
+        raise OSError("nvcc: not found")
+
+    monkeypatch.setattr(cp, "kernels", no_nvcc)
+    messages = []
+    path, _ = engine
+    with open_backend(path, backend="tensorrt", log=messages.append) as be:
+        f = frames(1, 360, 480, seed=5)[0]
+        out = be.infer_frame(f)
+        np.testing.assert_array_equal(out, be.infer(preprocess(f, be.meta)))
+        be.infer_frame(f)  # the reason is logged once, not per frame
+        assert len([m for m in messages if "GPU preprocessing unavailable" in m]) == 1
+        assert "nvcc" in messages[-1] and "PATH" in messages[-1]
+        with pytest.raises(BackendError, match="GPU rendering is unavailable"):
+            be.render_last()
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
 def test_cuda_graph_gives_same_labels(engine):
     from dilseg.runtime.artifact import read_meta
     from dilseg.runtime.preprocess import preprocess

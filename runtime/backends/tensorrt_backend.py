@@ -15,6 +15,7 @@ import contextlib
 import ctypes
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -173,6 +174,7 @@ class TensorRTBackend:
         self._buffers: dict[tuple, _Buffers] = {}
         self._current_shape = None
         self._gpu_frame = self._pre = self._render = None
+        self.gpu_preprocess_error: str | None = None  # why the CUDA kernels could not be used
 
     # -- context ---------------------------------------------------------------------------
 
@@ -398,12 +400,29 @@ class TensorRTBackend:
         """BGR uint8 frame -> engine output, with resize/normalise done by a CUDA kernel that
         writes straight into the engine's input buffer (the frame crosses the bus once)."""
         from ..cuda_preprocess import GpuFrame, GpuPreprocessor
-        from ..preprocess import input_size_for
+        from ..preprocess import input_size_for, preprocess
 
         h, w = input_size_for(frame_bgr.shape, self.meta)
         with self._lock, self._active():
-            if self._pre is None:
-                self._gpu_frame, self._pre = GpuFrame(), GpuPreprocessor(self.meta)
+            if self._pre is None and self.gpu_preprocess_error is None:
+                try:
+                    self._gpu_frame, self._pre = GpuFrame(), GpuPreprocessor(self.meta)
+                except Exception as exc:  # noqa: BLE001 - typically no nvcc to compile the kernels
+                    # The kernels are compiled at first use; without nvcc (a Jetson without
+                    # /usr/local/cuda/bin on PATH) the CPU path is as correct, only slower.
+                    self._gpu_frame = self._pre = None
+                    first_line = (str(exc).strip().splitlines() or [""])[0]
+                    self.gpu_preprocess_error = f"{type(exc).__name__}: {first_line}"
+                    self.log(f"GPU preprocessing unavailable ({self.gpu_preprocess_error}); preprocessing on the "
+                             "CPU instead. Put nvcc on PATH (export PATH=/usr/local/cuda/bin:$PATH) to use it.")
+        if self._pre is None:
+            t0 = time.perf_counter()
+            tensor = preprocess(frame_bgr, self.meta)
+            cpu_ms = (time.perf_counter() - t0) * 1e3
+            output = self.infer(tensor)
+            self.last_timings = {"preprocess": cpu_ms, **self.last_timings}
+            return output
+        with self._lock, self._active():
             bufs = self._buffers_for((1, 3, h, w))
             e, s = self._events, self._stream
             e[4].record(s)
@@ -421,6 +440,8 @@ class TensorRTBackend:
         Returns (BGR picture at frame size, uint8 labels at frame size)."""
         from ..cuda_preprocess import GpuRenderer
 
+        if self.gpu_preprocess_error is not None:
+            raise BackendError(f"GPU rendering is unavailable: {self.gpu_preprocess_error}")
         if self._gpu_frame is None or self._current_shape is None:
             raise BackendError("render_last() needs a frame from infer_frame() first")
         if self.meta.output_kind != "labels":
