@@ -268,7 +268,7 @@ def test_server_camera_is_shared_segmented_and_fast(server, browser, segmenter):
         # with the 30 FPS source (a machine not swamped by other work) it must show >= 25 FPS.
         assert displayed_fps >= 0.75 * processed_fps and displayed_fps >= 8, (
             f"displayed {displayed_fps:.1f} FPS while the worker processed {processed_fps:.1f} FPS")
-        if processed_fps >= 28:
+        if processed_fps >= 27:
             assert displayed_fps >= 25, f"inference kept up ({processed_fps:.1f} FPS) but only {displayed_fps:.1f} shown"
 
         # The picture in the page is the overlay of test:// frame i for an i near the worker's.
