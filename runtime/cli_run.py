@@ -36,6 +36,7 @@ p50/p95, FPS, drops, corrupt frames, reopens, memory) is printed at the end."""
 
 INFO_EPILOG = """\
 examples:
+  dilseg info                        # the shipped CamVid model
   dilseg info edge_m.onnx            # classes, palette, input size, normalisation, output kind, I/O
   dilseg info edge_m.engine          # the engine's sidecar: model metadata plus build facts
   dilseg info edge_m.onnx --json     # machine-readable"""
@@ -80,7 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     i = sub.add_parser("info", help="print an artifact's metadata (.onnx or .engine)", epilog=INFO_EPILOG,
                        formatter_class=fmt, description="Print what an exported model or engine says about itself.")
-    i.add_argument("artifact", help="an .onnx file or an .engine (with its .engine.json sidecar)")
+    i.add_argument("artifact", nargs="?", help="an .onnx file or an .engine (with its .engine.json sidecar); "
+                                                "default: the shipped CamVid model")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
 
@@ -193,7 +195,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     from .artifact import read_meta, read_sidecar
 
-    path = Path(args.artifact)
+    path = Path(args.artifact) if args.artifact else _model_path(None)
     meta = read_meta(path)
     facts: dict = {"artifact": str(path), "size_bytes": path.stat().st_size}
     if path.suffix == ".engine":
