@@ -39,12 +39,13 @@ def atomic_write(path: str | Path, write) -> None:
         raise OSError(f"{path}: folder {parent} is not writable")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=parent)
     os.close(fd)
-    # mkstemp creates 0600; the finished file gets the permissions a plain open() would give.
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
     try:
         write(tmp)
+        # mkstemp creates 0600 and some writers (safetensors) recreate the file: the finished
+        # file gets the permissions a plain open() would give, whoever wrote it.
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

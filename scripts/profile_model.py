@@ -46,18 +46,25 @@ def median_ms(fn, runs: int, warmup: int = 5) -> float:
     return statistics.median(times)
 
 
-def interleaved_medians(fns: dict[str, object], runs: int, warmup: int = 5) -> dict[str, float]:
-    """Median ms of each function, timed round-robin so background load on a shared box hits
-    every contender alike (ratios from one run are what this script reports)."""
+def interleaved_medians(fns: dict[str, object], runs: int, warmup: int = 5, block: int = 10) -> dict[str, float]:
+    """Median ms of each function, timed in alternating blocks so background load on a shared
+    box hits every contender alike (ratios from one run are what this script reports).
+
+    Blocks rather than single calls: PyTorch's OpenMP workers spin for a while after each call
+    and would steal the cores from whatever runs next, so the first call of each block is
+    discarded and only the block's settled calls count.
+    """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(runs):
+    while min(len(t) for t in times.values()) < runs:
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append((time.perf_counter() - t0) * 1e3)
+            fn()  # settles the other contender's spinning threads
+            for _ in range(min(block, runs - len(times[name])) if len(times[name]) < runs else 0):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -91,7 +98,7 @@ def main() -> None:
         for backend in backends.values():
             backend.close()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, threads={args.threads}, "
-          f"median of {args.runs} interleaved runs")
+          f"median of {args.runs} runs in alternating blocks")
     print("| model | params | GFLOPs @%dx%d | ONNX Runtime CPU ms (FPS) | PyTorch eager ms | ORT speed-up |" % size)
     print("|---|---|---|---|---|---|")
     for name, model in models.items():

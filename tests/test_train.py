@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import random
 import subprocess
 import sys
@@ -35,8 +36,13 @@ def test_train_logs_checkpoints_and_resumes(tmp_path) -> None:
     rows = list(csv.DictReader(open(tmp_path / "run" / "log.csv")))
     assert [row["epoch"] for row in rows] == ["1", "2"]
     assert all(0.0 <= float(row["val_miou"]) <= 1.0 and float(row["train_loss"]) > 0 for row in rows)
+    umask = os.umask(0)
+    os.umask(umask)
     for name in ("best.safetensors", "last.safetensors", "last.pt"):
-        assert (tmp_path / "run" / name).stat().st_size > 0
+        st = (tmp_path / "run" / name).stat()
+        assert st.st_size > 0
+        # Written through a private temp file, yet readable as a plain open() would leave it.
+        assert st.st_mode & 0o777 == 0o666 & ~umask, f"{name}: mode {oct(st.st_mode & 0o777)}"
     assert not list((tmp_path / "run").glob("*.part"))
 
     # Resuming another model's run is refused in one line, not a traceback.
