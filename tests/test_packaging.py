@@ -3,6 +3,7 @@ build the wheel from this checkout and look inside it, then run `dilseg info` fr
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -20,9 +21,15 @@ def package_files(folder: Path) -> set[str]:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    # The build goes to a copy-free temp build dir; --no-build-isolation keeps it offline.
+    # Build from a clean copy: setuptools reuses a checkout's build/ folder, whose stale files
+    # would hide a package missing from pyproject. --no-build-isolation keeps it offline.
+    src = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO / name, src / name)
+    for folder in ("dilseg", "export", "runtime", "demo", "models"):
+        shutil.copytree(REPO / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__", "*.engine*"))
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                           "-w", str(out), str(REPO)], capture_output=True, text=True, timeout=600)
+                           "-w", str(out), str(src)], capture_output=True, text=True, timeout=600)
     if proc.returncode != 0 and "No module named" in proc.stderr and "wheel" in proc.stderr:
         pytest.skip(f"cannot build wheels here: {proc.stderr.strip().splitlines()[-1]}")
     assert proc.returncode == 0, proc.stderr
