@@ -88,7 +88,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_export_onnx(args: argparse.Namespace) -> int:
     from dilseg.export.onnx_export import export_onnx, parse_size
     from dilseg.export.train import camvid_meta
-    from dilseg.export.weights import load_model, sha256_file
+    from dilseg.export.weights import load_model
+    from dilseg.runtime.files import sha256_file
     from dilseg.export.zoo import create_model
     from dilseg.runtime.cli import CliError
 

@@ -190,7 +190,7 @@ def build_onnx(
 
 def write_onnx(proto: onnx.ModelProto, output: str | Path) -> None:
     """Write complete or not at all."""
-    from .weights import atomic_write
+    from dilseg.runtime.files import atomic_write
 
     data = proto.SerializeToString()
 

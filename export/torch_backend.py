@@ -18,7 +18,9 @@ from dilseg.runtime.backends.base import BackendError
 from dilseg.runtime.metadata import ModelMeta
 
 from .train import camvid_meta
-from .weights import load_model, read_weights_info, sha256_file
+from dilseg.runtime.files import sha256_file
+
+from .weights import load_model, read_weights_info
 
 
 def spread_palette(n: int) -> tuple[tuple[int, int, int], ...]:

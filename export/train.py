@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -27,7 +26,9 @@ from dilseg.runtime.metadata import ModelMeta
 from dilseg.runtime.metrics import ConfusionMatrix
 from dilseg.runtime.preprocess import normalize
 
-from .weights import atomic_write, save_weights
+from dilseg.runtime.files import atomic_write
+
+from .weights import save_weights
 from .zoo import create_model
 
 

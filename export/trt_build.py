@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from dilseg.runtime.artifact import read_onnx_meta
-from dilseg.runtime.engine_cache import (CacheKey, atomic_write_bytes, make_sidecar, sha256_file, write_engine)
+from dilseg.runtime.engine_cache import CacheKey, make_sidecar, write_engine
+from dilseg.runtime.files import atomic_write_bytes, sha256_file
 from dilseg.runtime.metadata import MetadataError, ModelMeta
 from dilseg.runtime.trt_compat import BuildPlan, Capabilities, TrtCompatError, plan_build
 

@@ -2,55 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from torch import nn
+
+from dilseg.runtime.files import atomic_write
 
 from .zoo import create_model
 
 
 class WeightsError(ValueError):
     """Weights that cannot be loaded into the requested model."""
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write(path: str | Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename into place: the file is complete or absent."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OSError(f"{path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OSError(f"{path}: folder {parent} is not writable")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        write(tmp)
-        # mkstemp creates 0600 and some writers (safetensors) recreate the file: the finished
-        # file gets the permissions a plain open() would give, whoever wrote it.
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_weights(model: nn.Module, path: str | Path, model_name: str, classes: list[str] | tuple[str, ...], **info: str) -> None:

@@ -10,18 +10,16 @@ before TensorRT ever sees it. No TensorRT import here: everything is plain files
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from dilseg import __version__
 
 from .artifact import sidecar_path
 from .backends.base import BackendError
+from .files import atomic_write_bytes, sha256_file
 from .metadata import MetadataError, ModelMeta
 from .trt_compat import engine_runs_here, parse_compute_capability
 
@@ -30,49 +28,6 @@ SIDECAR_SCHEMA = 1
 
 class EngineError(BackendError):
     """A TensorRT engine that cannot be used here; the message names what does not match."""
-
-
-# -- files ---------------------------------------------------------------------------------
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` then rename over ``path``: the file is complete or absent, never half written."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OSError(f"{path}: folder {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise OSError(f"{path}: folder {parent} is not writable")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=parent)
-    os.close(fd)
-    # mkstemp creates 0600; the finished file gets the permissions a plain open() would give.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-
-    atomic_write(path, write)
 
 
 # -- sidecar -------------------------------------------------------------------------------

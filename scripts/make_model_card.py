@@ -20,7 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dilseg.export.weights import atomic_write, load_model, read_weights_info
+from dilseg.export.weights import load_model, read_weights_info
+from dilseg.runtime.files import atomic_write
 from dilseg.runtime.dataset import SegmentationDataset
 from dilseg.runtime.evaluate import evaluate, open_model
 

@@ -51,7 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def build_variants(args: argparse.Namespace, out_dir: Path, meta) -> dict[str, Path]:
     from dilseg.export.quantize import export_variant
     from dilseg.export.torch_backend import weights_meta
-    from dilseg.export.weights import load_model, sha256_file
+    from dilseg.export.weights import load_model
+    from dilseg.runtime.files import sha256_file
 
     weights = Path(args.weights or Path(args.onnx).with_suffix(".safetensors"))
     if not weights.is_file():

@@ -110,3 +110,31 @@ def read_video(path: Path) -> list[np.ndarray]:
 def video_frames():
     """``video_frames(path) -> list of BGR frames``: decode a video with OpenCV."""
     return read_video
+
+
+# -- TensorRT tests: one small export shared by every file ------------------------------
+
+class _SmallOnnx:
+    """edge_s exported at 64x96 ("fixed") or with dynamic H/W ("dynamic"), each on first use and
+    kept in the session's base temp folder, so every TensorRT test file shares one export."""
+
+    def __init__(self, base):
+        self.base = base
+
+    def __getitem__(self, kind):
+        path = self.base / f"trt_edge_s_{'64x96' if kind == 'fixed' else 'dynamic'}.onnx"
+        if not path.exists():
+            import torch
+
+            from dilseg.export.onnx_export import export_onnx
+            from dilseg.export.train import camvid_meta
+            from dilseg.export.zoo import create_model
+
+            torch.manual_seed(0)
+            export_onnx(create_model("edge_s"), camvid_meta("edge_s"), path, (64, 96) if kind == "fixed" else None)
+        return path
+
+
+@pytest.fixture(scope="session")
+def trt_onnx(tmp_path_factory):
+    return _SmallOnnx(tmp_path_factory.getbasetemp())

@@ -15,7 +15,8 @@ import torch
 
 from dilseg.export.onnx_export import ExportError, export_onnx, parse_size, verification_inputs
 from dilseg.export.train import camvid_meta
-from dilseg.export.weights import WeightsError, load_model, load_weights, save_weights, sha256_file
+from dilseg.export.weights import WeightsError, load_model, load_weights, save_weights
+from dilseg.runtime.files import sha256_file
 from dilseg.export.zoo import create_model
 from dilseg.runtime.artifact import read_meta
 from dilseg.runtime.dataset import CAMVID_CLASSES, CAMVID_PALETTE

@@ -6,9 +6,9 @@ import pytest
 
 from dilseg.runtime.artifact import read_meta, sidecar_path
 from dilseg.runtime.dataset import CAMVID_CLASSES, CAMVID_IGNORE, CAMVID_PALETTE
-from dilseg.runtime.engine_cache import (CacheKey, EngineError, RunningFacts, atomic_write_bytes, cached_engine_path,
-                                         check_engine, decide, load_sidecar, make_sidecar, sha256_file,
-                                         verify_engine_file, write_engine)
+from dilseg.runtime.engine_cache import (CacheKey, EngineError, RunningFacts, cached_engine_path, check_engine, decide,
+                                         load_sidecar, make_sidecar, verify_engine_file, write_engine)
+from dilseg.runtime.files import atomic_write_bytes, sha256_file
 from dilseg.runtime.metadata import ModelMeta
 
 META = ModelMeta(model="edge_s", classes=CAMVID_CLASSES, palette=CAMVID_PALETTE, input_size=(64, 96),
@@ -57,7 +57,7 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     atomic_write_bytes(target, b"old")
 
     def failing_write():
-        from dilseg.runtime.engine_cache import atomic_write
+        from dilseg.runtime.files import atomic_write
 
         def write(tmp):
             with open(tmp, "wb") as f:

@@ -15,32 +15,6 @@ HAVE_TRT = subprocess.run([sys.executable, "-c", "import tensorrt"], capture_out
 HAVE_PYCUDA = subprocess.run([sys.executable, "-c", "import pycuda.driver"], capture_output=True).returncode == 0
 
 
-class _SmallOnnx:
-    """edge_s exported at 64x96 ("fixed") or with dynamic H/W ("dynamic"), each on first use and
-    kept in the session's base temp folder, so every TensorRT test file shares one export."""
-
-    def __init__(self, base):
-        self.base = base
-
-    def __getitem__(self, kind):
-        path = self.base / f"trt_edge_s_{'64x96' if kind == 'fixed' else 'dynamic'}.onnx"
-        if not path.exists():
-            import torch
-
-            from dilseg.export.onnx_export import export_onnx
-            from dilseg.export.train import camvid_meta
-            from dilseg.export.zoo import create_model
-
-            torch.manual_seed(0)
-            export_onnx(create_model("edge_s"), camvid_meta("edge_s"), path, (64, 96) if kind == "fixed" else None)
-        return path
-
-
-@pytest.fixture(scope="session")
-def trt_onnx(tmp_path_factory):
-    return _SmallOnnx(tmp_path_factory.getbasetemp())
-
-
 def frames(n=4, h=120, w=160, seed=0):
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
@@ -121,7 +95,7 @@ def test_build_writes_engine_and_sidecar(engine, trt_onnx):
     import tensorrt as trt
 
     from dilseg.runtime.artifact import read_meta, read_onnx_meta
-    from dilseg.runtime.engine_cache import sha256_file
+    from dilseg.runtime.files import sha256_file
     from dilseg.runtime.trt_compat import parse_version
 
     path, result = engine

@@ -15,8 +15,7 @@ import pytest
 from dilseg.runtime.cli import main
 from dilseg.runtime.dataset import CAMVID_IGNORE, SegmentationDataset
 from dilseg.runtime.evaluate import VerifyError, check_comparable, open_model
-from precision_helpers import (CAMVID, needs_camvid, rgb_argmax_onnx, tiny_onnx, tiny_weights, with_meta,
-                               write_pair)
+from precision_helpers import CAMVID, needs_camvid, rgb_argmax_onnx, tiny_onnx, tiny_weights, with_meta
 
 pytestmark = needs_camvid
 VAL_IMAGES = "20"  # a CamVid val subset: enough pixels (3.5 M) for stable agreement and mIoU
