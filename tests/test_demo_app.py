@@ -246,21 +246,13 @@ def write_clip(path: Path, frames: list[np.ndarray], fps: float = 10.0) -> Path:
     return path
 
 
-def read_all(data: bytes, tmp_path: Path) -> list[np.ndarray]:
+def read_all(data: bytes, tmp_path: Path, video_frames) -> list[np.ndarray]:
     path = tmp_path / "download.mp4"
     path.write_bytes(data)
-    cap = cv2.VideoCapture(str(path))
-    frames = []
-    while True:
-        ok, frame = cap.read()
-        if not ok:
-            break
-        frames.append(frame)
-    cap.release()
-    return frames
+    return video_frames(path)
 
 
-def test_uploaded_video_is_segmented_frame_by_frame(monkeypatch, tmp_path, model, segmenter, downloads):
+def test_uploaded_video_is_segmented_frame_by_frame(monkeypatch, tmp_path, model, segmenter, downloads, video_frames):
     base = picture_of_blocks(96, 128)
     frames = [np.roll(base, 8 * i, axis=1) for i in range(6)]
     clip = write_clip(tmp_path / "clip.avi", frames)
@@ -268,7 +260,7 @@ def test_uploaded_video_is_segmented_frame_by_frame(monkeypatch, tmp_path, model
     at.file_uploader(key="video_upload").upload("clip.avi", clip.read_bytes(), "video/x-msvideo").run()
     assert not at.exception and not messages(at)
     assert at.get("progress") and "Done: 6 frames" in at.get("progress")[-1].proto.text
-    out = read_all(downloads(buttons(at)["Download the segmented video (MP4)"]), tmp_path)
+    out = read_all(downloads(buttons(at)["Download the segmented video (MP4)"]), tmp_path, video_frames)
     assert len(out) == len(frames)
     # What came in: the decoded AVI frames; what should come out: their overlays (H.264 is lossy).
     cap = cv2.VideoCapture(str(clip))
