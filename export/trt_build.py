@@ -422,8 +422,9 @@ def plan_for(caps: Capabilities, prepared: Prepared, compute_capability: tuple[i
 
 def expected_key(prepared: Prepared, trt_version: str, gpu: tuple[str, tuple[int, int]], precision: str) -> CacheKey:
     name, cc = gpu
+    o = prepared.options
     return CacheKey(prepared.info.sha256, str(trt_version), name, f"{cc[0]}.{cc[1]}", precision,
-                    prepared.profile.to_dict(), prepared.options.dla_core)
+                    prepared.profile.to_dict(), o.dla_core, o.hardware_compatible, o.version_compatible)
 
 
 @dataclass

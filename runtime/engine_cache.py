@@ -161,11 +161,16 @@ class CacheKey:
     precision: str
     profile: dict | None = None
     dla_core: int | None = None
+    # Compatible engines may run slower (NVIDIA's engine-compatibility notes): asking for one,
+    # or no longer asking, is a different engine.
+    hardware_compatible: bool = False
+    version_compatible: bool = False
 
     @classmethod
     def from_sidecar(cls, side: dict) -> "CacheKey":
         return cls(side["onnx_sha256"], str(side["tensorrt_version"]), side["gpu_name"], side["compute_capability"],
-                   side["precision"], side.get("profile"), side.get("dla_core"))
+                   side["precision"], side.get("profile"), side.get("dla_core"),
+                   bool(side.get("hardware_compatible")), bool(side.get("version_compatible")))
 
 
 def describe_profile(profile: dict | None) -> str:
@@ -192,6 +197,10 @@ def key_differences(old: CacheKey, new: CacheKey) -> list[str]:
         reasons.append(f"the shape profile changed ({describe_profile(old.profile)} -> {describe_profile(new.profile)})")
     if old.dla_core != new.dla_core:
         reasons.append(f"the DLA core changed ({old.dla_core} -> {new.dla_core})")
+    for flag in ("hardware_compatible", "version_compatible"):
+        if getattr(old, flag) != getattr(new, flag):
+            was, now = ("on", "off") if getattr(old, flag) else ("off", "on")
+            reasons.append(f"{flag.replace('_', '-')} changed ({was} -> {now})")
     return reasons
 
 

@@ -131,6 +131,8 @@ def test_cache_reuses_identical_build(tmp_path):
     (dict(profile={"input": "input", "min": [1, 3, 64, 64], "opt": [1, 3, 128, 128], "max": [1, 3, 256, 256]}),
      "the shape profile changed (input 1x3x64x96 -> input min 1x3x64x64 opt 1x3x128x128 max 1x3x256x256)"),
     (dict(dla_core=0), "the DLA core changed (None -> 0)"),
+    (dict(version_compatible=True), "version-compatible changed (off -> on)"),
+    (dict(hardware_compatible=True), "hardware-compatible changed (off -> on)"),
 ])
 def test_cache_rebuilds_with_reason(tmp_path, change, reason):
     engine, _ = fake_engine(tmp_path)
