@@ -25,6 +25,7 @@ examples:
   dilseg run --source frames/ --labels masks/ --overlays viz/   # a folder, masks named after the images
   dilseg run --source rtsp://cam.local/stream --show --view side-by-side
   dilseg run --model edge_m.engine --source csi://0 --show      # Jetson, TensorRT engine
+  dilseg run --model edge_m.onnx --backend tensorrt --fp16 --cuda-graph --source 0 --show   # engine built once, cached
   dilseg run --source test://320x240 --max-frames 300           # smoke test, no camera needed
 
 {SOURCE_HELP}
@@ -103,6 +104,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto",
                    help="auto: .engine -> TensorRT, .onnx -> ONNX Runtime (default auto)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: cores, at most 8)")
+    t = p.add_argument_group("TensorRT backend (--backend tensorrt, or an .engine)")
+    t.add_argument("--cuda-graph", action="store_true",
+                   help="capture copy-in, inference and copy-out as one CUDA graph per input shape and replay it")
+    t.add_argument("--fp16", action="store_true",
+                   help="when building from an fp32 .onnx: let TensorRT 10 use fp16 kernels (TensorRT 11: "
+                        "export an fp16 ONNX instead)")
+    t.add_argument("--dla-core", type=int, metavar="N", help="when building from an .onnx: run on DLA core N "
+                                                            "(GPU fallback), Jetson AGX Orin / Orin NX")
+    t.add_argument("--rebuild", action="store_true", help="rebuild the cached engine of an .onnx even if it matches")
 
 
 def _setup_logging() -> None:
@@ -130,9 +140,23 @@ def _model_path(arg: str | None) -> Path:
 
 def _open_backend(args: argparse.Namespace):
     from .backends import open_backend
+    from .cli import CliError
 
+    path = _model_path(args.model)
+    trt_flags = {"--cuda-graph": ("cuda_graph", args.cuda_graph or None), "--fp16": ("fp16", args.fp16 or None),
+                 "--dla-core": ("dla_core", args.dla_core), "--rebuild": ("rebuild", args.rebuild or None)}
+    given = {flag: kv for flag, kv in trt_flags.items() if kv[1] is not None}
+    tensorrt = args.backend == "tensorrt" or (args.backend == "auto" and path.suffix == ".engine")
+    if given and not tensorrt:
+        raise CliError(f"{', '.join(given)}: TensorRT option(s), but {path.name} runs on ONNX Runtime here; "
+                       "add --backend tensorrt (dilseg then builds and caches an engine) or pass an .engine")
+    build_only = [flag for flag in given if flag != "--cuda-graph"]
+    if build_only and path.suffix == ".engine":
+        raise CliError(f"{', '.join(build_only)}: build option(s), but {path.name} is built already "
+                       "(`dilseg info` shows how); pass the .onnx to build with them, or use `dilseg build`")
     options = {"threads": args.threads} if args.threads else {}
-    return open_backend(_model_path(args.model), args.backend, **options)
+    options.update(dict(given.values()))
+    return open_backend(path, args.backend, **options)
 
 
 def cmd_run(args: argparse.Namespace) -> int:

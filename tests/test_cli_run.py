@@ -118,6 +118,32 @@ def test_show_without_a_display_is_a_clear_error(small_onnx, capsys) -> None:
     assert "cannot show a window" in capsys.readouterr().err
 
 
+HAVE_TRT = subprocess.run([sys.executable, "-c", "import tensorrt"], capture_output=True).returncode == 0
+
+
+@pytest.mark.parametrize("command", ["run", "bench"])
+def test_tensorrt_options_are_checked_before_anything_runs(tmp_path: Path, small_onnx, command, capsys) -> None:
+    # On ONNX Runtime a TensorRT option would be silently meaningless: refuse it.
+    assert main([command, "--model", str(small_onnx), "--cuda-graph", "--fp16", "--source", "test://96x64?live=0"]) == 2
+    err = capsys.readouterr().err
+    assert "--cuda-graph, --fp16: TensorRT option(s)" in err and "--backend tensorrt" in err
+    assert "Traceback" not in err
+    # Build options cannot change an engine that is already built.
+    engine = tmp_path / "m.engine"
+    engine.write_bytes(b"serialized engine bytes")
+    assert main([command, "--model", str(engine), "--dla-core", "0", "--source", "test://96x64?live=0"]) == 2
+    err = capsys.readouterr().err
+    assert "--dla-core: build option(s)" in err and "pass the .onnx" in err
+
+
+@pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here; the missing-TensorRT path cannot be exercised")
+def test_tensorrt_options_reach_the_backend_which_says_what_is_missing(small_onnx, capsys) -> None:
+    assert main(["run", "--model", str(small_onnx), "--backend", "tensorrt", "--cuda-graph", "--rebuild",
+                 "--source", "test://96x64?live=0", "--max-frames", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "needs the tensorrt Python package" in err and "--backend onnxruntime" in err
+
+
 def test_info_prints_the_metadata(small_onnx, small_onnx_dynamic, capsys) -> None:
     assert main(["info", str(small_onnx)]) == 0
     out = capsys.readouterr().out
