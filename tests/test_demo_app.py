@@ -233,6 +233,46 @@ def test_non_image_upload_is_reported_and_the_page_recovers(monkeypatch, model, 
     np.testing.assert_array_equal(labels, segmenter(decoded).labels)
 
 
+def test_a_model_that_fails_mid_inference_is_reported_and_the_page_recovers(monkeypatch, tmp_path, model, segmenter,
+                                                                             downloads):
+    # Valid dilseg metadata, a graph ONNX Runtime loads, and a Reshape that can only fail at
+    # run time (the spatial size is symbolic): the upload path must say so on the page.
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    from dilseg.export.onnx_export import attach_metadata
+    from dilseg.runtime.artifact import read_meta
+
+    shape = helper.make_tensor("shape", TensorProto.INT64, [4], [7, 3, 1, -1])
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["input", "shape"], ["odd"]),
+         helper.make_node("ArgMax", ["odd"], ["idx"], axis=1, keepdims=0),
+         helper.make_node("Cast", ["idx"], ["labels"], to=TensorProto.INT32)],
+        "fails-at-run-time", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, "h", "w"])],
+        [helper.make_tensor_value_info("labels", TensorProto.INT32, [1, "h", "w"])], initializer=[shape])
+    broken = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    attach_metadata(broken, read_meta(model))
+    path = tmp_path / "broken.onnx"
+    path.write_bytes(broken.SerializeToString())
+
+    at = app(monkeypatch, path)
+    image = picture_of_blocks(90, 120)
+    at.file_uploader(key="image_upload").upload("street.png", cv2.imencode(".png", image)[1].tobytes(), "image/png")
+    at.run()
+    assert not at.exception
+    text = messages(at)
+    assert "Segmenting street.png failed" in text and "Try another model or backend" in text
+    assert not at.get("download_button")
+    # Back to a working model on the same page: the picture is segmented.
+    at.sidebar.radio(key="model_kind").set_value("path").run()
+    at.sidebar.text_input(key="model_path").input(str(model)).run()
+    at.file_uploader(key="image_upload").set_value(("street.png", cv2.imencode(".png", image)[1].tobytes(),
+                                                    "image/png")).run()
+    assert not at.exception and not messages(at)
+    labels = decode(downloads(buttons(at)["Label PNG (class ids)"]))
+    np.testing.assert_array_equal(labels, segmenter(image).labels)
+
+
 # ---------------------------------------------------------------------------------- video
 
 
