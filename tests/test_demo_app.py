@@ -160,6 +160,28 @@ def test_missing_shipped_model_gives_a_message_and_a_way_out(monkeypatch, tmp_pa
     assert any(b.label == "Image" for b in at.file_uploader)
 
 
+def test_the_page_starts_on_the_shipped_model_and_segments_a_street(monkeypatch, downloads):
+    from precision_helpers import CAMVID
+
+    if not (CAMVID / "val" / "images").is_dir():
+        pytest.skip(f"CamVid not found at {CAMVID}")
+    from dilseg.runtime.defaults import default_model_path
+
+    at = app(monkeypatch, None)
+    assert not at.exception and not messages(at)
+    assert any("edge_m" in c.value for c in at.sidebar.caption)
+    street = sorted((CAMVID / "val" / "images").glob("*.jpg"))[0]
+    data = street.read_bytes()
+    at.file_uploader(key="image_upload").upload(street.name, data, "image/jpeg").run()
+    assert not at.exception and not messages(at)
+    labels = decode(downloads(buttons(at)["Label PNG (class ids)"]))
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    with open_backend(default_model_path()) as backend:
+        np.testing.assert_array_equal(labels, Segmenter(backend)(image).labels)
+    # A street scene: building and road are both found.
+    assert {1, 3}.issubset(set(np.unique(labels).tolist()))
+
+
 # ---------------------------------------------------------------------------------- image
 
 

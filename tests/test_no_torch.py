@@ -61,3 +61,23 @@ print("RC", rc, "TORCH", "torch" in sys.modules)
 """)
     assert "RC 0 TORCH False" in r.stdout, r.stdout + r.stderr
     assert len(list((tmp_path / "masks").glob("*.png"))) == 5
+
+
+def test_the_shipped_model_runs_by_default_without_torch(tmp_path: Path) -> None:
+    # A fresh install: no --model, no export step, no torch.
+    r = python(BLOCK_TORCH + f"""
+import sys
+from dilseg.runtime.cli import main
+rc = main(["run", "--source", "test://480x360?frames=3", "--labels", {str(tmp_path / "masks")!r}, "--quiet"])
+rc |= main(["bench", "--frames", "3", "--warmup", "1", "--quiet"])
+print("RC", rc, "TORCH", "torch" in sys.modules)
+""", cwd=tmp_path)
+    assert "RC 0 TORCH False" in r.stdout, r.stdout + r.stderr
+    assert "edge_m_camvid.onnx" in r.stdout
+    masks = sorted((tmp_path / "masks").glob("*.png"))
+    assert len(masks) == 3
+    import cv2
+    import numpy as np
+
+    labels = cv2.imread(str(masks[0]), cv2.IMREAD_UNCHANGED)
+    assert labels.shape == (360, 480) and labels.max() <= 10 and len(np.unique(labels)) >= 2
