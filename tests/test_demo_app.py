@@ -259,7 +259,7 @@ def test_a_model_that_fails_mid_inference_is_reported_and_the_page_recovers(monk
                                                                              downloads):
     # Valid dilseg metadata, a graph ONNX Runtime loads, and a Reshape that can only fail at
     # run time (the spatial size is symbolic): the upload path must say so on the page.
-    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnx")
     from onnx import TensorProto, helper
 
     from dilseg.export.onnx_export import attach_metadata
