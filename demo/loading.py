@@ -14,6 +14,7 @@ from pathlib import Path
 from dilseg.runtime.artifact import read_meta
 from dilseg.runtime.backends.base import BackendError, open_backend
 from dilseg.runtime.defaults import default_model_path
+from dilseg.runtime.files import atomic_write_bytes
 from dilseg.runtime.metadata import MetadataError, ModelMeta
 from dilseg.runtime.segmenter import Segmenter
 
@@ -96,16 +97,7 @@ def save_upload(name: str, data: bytes) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{hashlib.sha256(data).hexdigest()[:16]}.onnx"
     if not path.exists():
-        # A private temp name: two tabs uploading the same model must not write one .part file.
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".part", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_bytes(path, data)  # a private temp name: two tabs may upload the same model
     return path
 
 

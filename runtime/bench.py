@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_write_bytes
 from .pipeline import FrameResult, Pipeline, PipelineStats, StageTimes
 from .preprocess import preprocess
 from .segmenter import Segmenter
@@ -115,18 +116,7 @@ class BenchResult:
         return "\n".join(lines)
 
     def write_json(self, path: str | Path) -> None:
-        from .sinks import _temp_beside
-
-        path = Path(path)
-        fd, tmp = _temp_beside(path, ".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=2, default=float)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write_bytes(path, json.dumps(self.to_dict(), indent=2, default=float).encode())
 
 
 def _summary(times: StageTimes) -> dict:

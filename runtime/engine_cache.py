@@ -69,9 +69,9 @@ def write_engine(engine_path: str | Path, engine: bytes | memoryview, sidecar: d
     """Write the engine, then its sidecar, each atomically. A crash in between leaves an engine
     whose sha256 no longer matches the old sidecar (or none at all): it is rebuilt, never trusted."""
     engine_path = Path(engine_path)
-    atomic_write_bytes(engine_path, engine)
+    atomic_write_bytes(engine_path, engine, fsync=True)
     text = json.dumps(sidecar, indent=2, sort_keys=True) + "\n"
-    atomic_write_bytes(sidecar_path(engine_path), text.encode())
+    atomic_write_bytes(sidecar_path(engine_path), text.encode(), fsync=True)
 
 
 REQUIRED_FACTS = ("meta", "tensorrt_version", "gpu_name", "compute_capability", "precision", "onnx_sha256",

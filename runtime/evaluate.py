@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +18,7 @@ from tqdm import tqdm
 
 from .backends.base import Backend, BackendError, open_backend
 from .dataset import CAMVID_IGNORE, DatasetError, Images, SegmentationDataset, open_images
+from .files import atomic_write_bytes
 from .metadata import ModelMeta
 from .metrics import ConfusionMatrix, Scores
 from .segmenter import Segmenter
@@ -235,21 +234,8 @@ def verify_table(result: VerifyResult) -> str:
 
 
 def write_json(path: str | Path, payload: dict) -> None:
-    """Complete or absent: write beside the target, then rename over it."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OSError(f"{path}: folder {parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Complete or absent."""
+    atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
 
 
 def open_pair(reference: str | Path, candidate: str | Path, backend: str = "auto") -> tuple[Backend, Backend]:

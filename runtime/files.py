@@ -9,6 +9,11 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+# Read once at import: os.umask can only be read by setting it, and setting it while other
+# threads create files (the pipeline's sinks) would race.
+UMASK = os.umask(0o022)
+os.umask(UMASK)
+
 
 def sha256_file(path: str | Path) -> str:
     h = hashlib.sha256()
@@ -28,13 +33,11 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         raise OSError(f"{path}: folder {parent} is not writable")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=parent)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
     try:
         write(tmp)
         # mkstemp creates 0600 and some writers (safetensors) recreate the file: the finished
         # file gets the permissions a plain open() would give, whoever wrote it.
-        os.chmod(tmp, 0o666 & ~umask)
+        os.chmod(tmp, 0o666 & ~UMASK)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -42,11 +45,13 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def atomic_write_bytes(path: str | Path, data: bytes | memoryview) -> None:
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview, fsync: bool = False) -> None:
+    """``fsync`` for artifacts that took minutes to make (engines); per-frame outputs skip it."""
     def write(tmp: str) -> None:
         with open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
 
     atomic_write(path, write)

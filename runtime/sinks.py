@@ -15,14 +15,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from .files import UMASK, atomic_write_bytes
+
 VIDEO_FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "mp4v"}
 SINK_HELP = ("sinks are: window, none, a video file (.mp4 .m4v .mov .avi .mkv), overlays:DIR (rendered images) "
              "or labels:DIR (class-id PNGs)")
-
-
-# Read once at import: os.umask can only be read by setting it, which is not thread-safe later.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 class SinkError(RuntimeError):
@@ -71,7 +68,7 @@ def _temp_beside(path: Path, suffix: str) -> tuple[int, str]:
     """A hidden temporary file in the same folder (so the final rename is atomic), with the
     permissions a plain open() would give rather than mkstemp's 0600."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_UMASK)
+    os.fchmod(fd, 0o666 & ~UMASK)
     return fd, tmp
 
 
@@ -80,14 +77,7 @@ def _write_image_atomic(path: Path, image: np.ndarray, params: list[int] | None 
     ok, data = cv2.imencode(path.suffix, image, params or [])
     if not ok:
         raise SinkError(f"{path}: OpenCV cannot encode a {path.suffix} image")
-    fd, tmp = _temp_beside(path, ".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data.tobytes())
 
 
 class FolderSink(Sink):
