@@ -227,6 +227,7 @@ class CameraWorker:
             "model": self.segmenter.meta.model,
             "connections": connections,
             "latest_index": latest.index if (latest := self.latest()) else None,
+            "skipped_frames": getattr(self._source, "skipped", 0),  # live frames passed over for newer ones
             "viewers": viewers,
             **self.meter.snapshot(),
         }
@@ -240,9 +241,12 @@ _last_error: dict[str, str] = {}  # why a spec's last worker ended, for the page
 
 
 def _open(spec: str):
-    from dilseg.runtime.sources import open_source  # a missing camera raises SourceError here
+    from dilseg.runtime.sources import NewestFrame, open_source  # a missing camera raises SourceError here
 
-    return open_source(spec)
+    source = open_source(spec)
+    # The worker segments one frame at a time: a live source drained in its own thread keeps
+    # every viewer on the newest frame rather than the camera's queued backlog.
+    return NewestFrame(source) if source.live else source
 
 
 def acquire(spec: str, segmenter: Segmenter) -> CameraWorker:

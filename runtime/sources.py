@@ -470,6 +470,76 @@ class LiveSource(Source):
             self.cap.release()
 
 
+class NewestFrame(Source):
+    """A live source drained by its own thread: ``read()`` returns the newest frame not yet
+    returned, so a consumer slower than the camera shows the present, not the backlog that
+    OpenCV and the driver queue (several frames on V4L2). Frames passed over are counted in
+    ``skipped``. The threaded pipeline does the same with its capture thread; this is for
+    single-threaded consumers such as the demo's shared camera worker."""
+
+    live = True
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.spec, self.fps = source.spec, source.fps
+        self.index = -1
+        self.skipped = 0
+        self._cond = threading.Condition()
+        self._pending: tuple[np.ndarray, str, int] | None = None
+        self._done = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._drain, name=f"dilseg-grab-{source.spec}", daemon=True)
+        self._thread.start()
+
+    def _drain(self) -> None:
+        try:
+            while True:
+                frame = self.source.read()
+                with self._cond:
+                    if frame is None or self._done:
+                        break
+                    if self._pending is not None:
+                        self.skipped += 1
+                    self._pending = (frame, self.source.name, getattr(self.source, "index", -1))
+                    self._cond.notify_all()
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader
+            self._error = exc
+        finally:
+            with self._cond:
+                self._done = True
+                self._cond.notify_all()
+
+    def read(self) -> np.ndarray | None:
+        with self._cond:
+            while self._pending is None and not self._done:
+                self._cond.wait()
+            if self._pending is None:
+                if self._error is not None:
+                    raise self._error
+                return None
+            (frame, self.name, self.index), self._pending = self._pending, None
+            return frame
+
+    @property
+    def reopens(self) -> int:  # type: ignore[override]
+        return self.source.reopens
+
+    @property
+    def lost(self) -> bool:
+        return bool(getattr(self.source, "lost", False))
+
+    def interrupt(self) -> None:
+        with self._cond:
+            self._done = True
+            self._cond.notify_all()
+        self.source.interrupt()
+
+    def close(self) -> None:
+        self.interrupt()
+        self._thread.join(timeout=5.0)
+        self.source.close()
+
+
 # --------------------------------------------------------------------------- opening
 
 

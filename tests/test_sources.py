@@ -13,8 +13,8 @@ import cv2
 import numpy as np
 import pytest
 
-from dilseg.runtime.sources import (LiveSource, SourceError, SyntheticSource, has_gstreamer, open_source,
-                                    test_frame)
+from dilseg.runtime.sources import (LiveSource, NewestFrame, Source, SourceError, SyntheticSource, has_gstreamer,
+                                    open_source, test_frame)
 
 
 def _frames(n: int, w: int = 96, h: int = 64) -> list[np.ndarray]:
@@ -235,3 +235,37 @@ def test_interrupt_wakes_a_waiting_live_source() -> None:
     t0 = time.monotonic()
     assert src.read() is None
     assert time.monotonic() - t0 < 1.0
+
+
+def test_newest_frame_keeps_a_slow_reader_in_the_present() -> None:
+    src = NewestFrame(open_source("test://64x48?fps=50"))
+    try:
+        seen = []
+        for _ in range(6):
+            time.sleep(0.1)  # a consumer five times slower than the 50 FPS camera
+            frame = src.read()
+            seen.append(src.index)
+        # Each read skips the frames that arrived meanwhile (~5), instead of returning the next
+        # one in a backlog, and what it returns is the frame it names.
+        assert all(b - a >= 3 for a, b in zip(seen, seen[1:])), seen
+        assert src.skipped >= 15
+        np.testing.assert_array_equal(frame, test_frame(src.index, 64, 48))
+    finally:
+        src.close()
+    assert not src._thread.is_alive()
+    assert src.read() is None
+
+
+def test_newest_frame_ends_with_its_source_and_passes_errors_on() -> None:
+    src = NewestFrame(open_source("test://32x24?frames=3&fps=100"))
+    frames = list(src)
+    assert 1 <= len(frames) <= 3 and src.read() is None
+
+    class Broken(Source):
+        spec = "broken://"
+
+        def read(self):
+            raise RuntimeError("device unplugged")
+
+    with pytest.raises(RuntimeError, match="device unplugged"):
+        NewestFrame(Broken()).read()
