@@ -8,6 +8,7 @@ written to a temporary file and renamed. ``abort()`` discards an unfinished vide
 
 from __future__ import annotations
 
+import abc
 import os
 import tempfile
 from pathlib import Path
@@ -80,7 +81,7 @@ def _write_image_atomic(path: Path, image: np.ndarray, params: list[int] | None 
     atomic_write_bytes(path, data.tobytes())
 
 
-class FolderSink(Sink):
+class FolderSink(Sink, abc.ABC):
     """One image per frame, named after the frame (``name``) or its running number."""
 
     kind = "images"
@@ -91,8 +92,9 @@ class FolderSink(Sink):
         self.ext, self.params = ext, params
         self.count = 0
 
+    @abc.abstractmethod
     def image(self, frame: np.ndarray, labels: np.ndarray, rendered: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
+        """The picture this folder keeps for a frame."""
 
     def write(self, frame: np.ndarray, labels: np.ndarray, rendered: np.ndarray, name: str | None = None) -> None:
         stem = name if name else f"{self.count:06d}"

@@ -10,6 +10,7 @@ back-off when they drop; file sources skip frames that fail to decode and count 
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import glob
 import logging
@@ -68,7 +69,7 @@ def has_gstreamer() -> bool:
     return False
 
 
-class Source:
+class Source(abc.ABC):
     """Base class: ``read()`` -> BGR uint8 frame or None at the end; ``close()``.
 
     ``name`` after a read is a stable name for that frame (the file stem for folders, the
@@ -83,8 +84,9 @@ class Source:
     reopens: int = 0
     name: str = ""
 
+    @abc.abstractmethod
     def read(self) -> np.ndarray | None:
-        raise NotImplementedError
+        """The next frame, or None at the end (or once interrupted)."""
 
     def close(self) -> None:
         pass

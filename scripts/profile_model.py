@@ -11,6 +11,7 @@ Prints a markdown table; nothing is asserted (benchmarks print, tests assert).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -58,10 +59,10 @@ def interleaved_medians(fns: dict[str, object], runs: int, warmup: int = 5, bloc
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    while min(len(t) for t in times.values()) < runs:
+    for _ in range(math.ceil(runs / block)):
         for name, fn in fns.items():
             fn()  # settles the other contender's spinning threads
-            for _ in range(min(block, runs - len(times[name])) if len(times[name]) < runs else 0):
+            for _ in range(min(block, runs - len(times[name]))):
                 t0 = time.perf_counter()
                 fn()
                 times[name].append((time.perf_counter() - t0) * 1e3)
