@@ -32,11 +32,15 @@ TRAIN_EPILOG = """\
 examples:
   dilseg train --model edge_m --data ../shared/data/camvid --out runs/edge_m
   dilseg train --model edge_m --data ../shared/data/camvid --out runs/edge_m --resume
+  dilseg train --model edge_m --data ../shared/data/camvid --out runs/m_strong --holdout 0006R0 \
+      --epochs 200 --scale 0.5-2.0 --photometric --thin-sampling 0.3 --ema 0.999 --workers 2
   dilseg train --model edge_s --data DIR --epochs 2 --max-train-images 16   # smoke run
 
 DIR holds train/{images,labels} and val/{images,labels} (CamVid layout, labels as
-8-bit PNG class ids, 11 = void). OUT gets last.pt (resume state), best.safetensors,
-last.safetensors and log.csv (epoch, train_loss, val_miou, lr, epoch_seconds)."""
+8-bit PNG class ids, 11 = void). OUT gets last.pt (resume state), best.safetensors
+(+ best.json, per-class IoU), last.safetensors and log.csv (epoch, train_loss,
+holdout_miou, val_miou, lr, epoch_seconds). With --holdout the held-out sequence selects
+the best epoch; the classic val (frames between training frames) is only reported."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -69,19 +73,40 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     t = sub.add_parser("train", help="train a zoo model from scratch on a dataset", epilog=TRAIN_EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Train a zoo model from scratch (random scale/crop/flip, class weighting, poly LR).")
+                       description="Train a zoo model from scratch (random scale/crop/flip, class weighting, poly LR; "
+                                   "optional photometric jitter, rare-class crops, label smoothing, OHEM, EMA).")
     t.add_argument("--model", default="edge_m", help="zoo model name (default edge_m)")
     t.add_argument("--data", required=True, help="dataset root with train/ and val/")
-    t.add_argument("--out", required=True, help="run folder (checkpoints, log.csv)")
+    t.add_argument("--out", required=True, help="run folder (checkpoints, log.csv); an existing run needs --resume or --overwrite")
     t.add_argument("--epochs", type=int, default=60, help="epochs (default 60: about 1-2 h for edge_m on 2 cores)")
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
     t.add_argument("--crop", default="320x416", help="training crop HxW (default 320x416)")
+    t.add_argument("--scale", default="0.75-1.5", help="random rescale range MIN-MAX (default 0.75-1.5)")
+    t.add_argument("--holdout", default="", metavar="SEQUENCE",
+                   help="hold out a whole sequence (e.g. 0006R0): train without its frames, select the best epoch on "
+                        "them (train and val frames of it); the classic val is then only reported")
+    t.add_argument("--train-splits", default="train", help="comma-separated splits to train on (default train; "
+                                                            "train,val for final weights: then nothing selects)")
+    t.add_argument("--photometric", action="store_true", help="brightness/contrast/saturation/hue jitter, blur, noise")
+    t.add_argument("--thin-sampling", type=float, default=0.0, metavar="P",
+                   help="chance that a crop is centred on a thin class (Pole, SignSymbol, Fence, Pedestrian)")
+    t.add_argument("--label-smoothing", type=float, default=0.0)
+    t.add_argument("--ohem", type=float, default=0.0, metavar="P",
+                   help="train only on pixels whose true class has probability below P (and the hardest 1/16)")
+    t.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="evaluate and save an exponential moving average of the weights (e.g. 0.999 per step)")
+    t.add_argument("--val-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
+    t.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    t.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster on GPUs)")
     t.add_argument("--seed", type=int, default=0, help="seed for repeatable runs")
     t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    t.add_argument("--workers", type=int, default=0,
+                   help="augmenting worker processes (default 0: in the main process); results do not depend on it")
     t.add_argument("--max-train-images", type=int, default=0, help="use only the first N images (smoke runs)")
     t.add_argument("--max-val-images", type=int, default=0, help="validate on only the first N images (smoke runs)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--overwrite", action="store_true", help="start over in an existing run folder (replaces its run files)")
     t.set_defaults(func=run_train)
 
 
@@ -129,9 +154,27 @@ def run_train(args: argparse.Namespace) -> int:
     from dilseg.export.onnx_export import parse_size
     from dilseg.export.train import TrainConfig, train
 
+    from dilseg.runtime.cli import CliError
+
+    try:
+        lo, hi = (float(v) for v in args.scale.split("-"))
+    except ValueError:
+        raise CliError(f"--scale {args.scale!r}: expected MIN-MAX, e.g. 0.5-2.0") from None
+    if not 0 < lo <= hi:
+        raise CliError(f"--scale {args.scale!r}: needs 0 < MIN <= MAX")
+    for name in ("epochs", "batch_size", "val_every"):
+        if getattr(args, name) < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.workers < 0 or args.threads < 0:
+        raise CliError("--workers and --threads must be 0 or more")
     cfg = TrainConfig(model=args.model, data=args.data, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
-                      lr=args.lr, crop=parse_size(args.crop), seed=args.seed, threads=args.threads,
+                      lr=args.lr, crop=parse_size(args.crop), scale=(lo, hi), seed=args.seed, threads=args.threads,
+                      workers=args.workers, val_every=args.val_every, holdout=args.holdout,
+                      train_splits=tuple(s for s in args.train_splits.split(",") if s),
+                      photometric=args.photometric, thin_sampling=args.thin_sampling,
+                      label_smoothing=args.label_smoothing, ohem=args.ohem, ema=args.ema, amp=args.amp,
+                      channels_last=args.channels_last,
                       max_train_images=args.max_train_images, max_val_images=args.max_val_images)
-    best = train(cfg, resume=args.resume)
+    best = train(cfg, resume=args.resume, overwrite=args.overwrite)
     print(f"best weights: {best}")
     return 0

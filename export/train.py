@@ -1,38 +1,54 @@
 """Train a zoo model from scratch on a labelled dataset folder (CamVid layout).
 
-Everything needed to resume lives in ``OUT/last.pt`` (model, optimizer, epoch, RNG state);
-``OUT/best.safetensors`` holds the weights with the best val mIoU and ``OUT/log.csv`` one
-row per epoch. Random scale, crop and flip; class weights from the training labels (ENet's
+Everything needed to resume lives in ``OUT/last.pt`` (model, EMA, optimizer, epoch, RNG
+state, config); ``OUT/best.safetensors`` holds the weights with the best selection mIoU,
+``OUT/best.json`` their per-class scores, and ``OUT/log.csv`` one row per epoch.
+
+Selection: with ``holdout`` (a whole sequence held out, train and val frames of it), the
+held-out sequence picks the best epoch and the classic val split is only reported; its
+frames sit one second between training frames, so it measures memory of the street more
+than generalisation. Without a holdout, val selects (the classic protocol); when val is
+trained on, nothing selects and the last epoch is the result (fixed epoch count).
+
+Recipe: random scale, crop and flip; optional photometric jitter, rare-class crops, label
+smoothing, OHEM and an EMA of the weights; class weights from the training labels (ENet's
 1/ln(1.02 + p)); AdamW with a linear warm-up and a poly schedule.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import math
-import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dilseg.runtime.dataset import CAMVID_CLASSES, CAMVID_IGNORE, SegmentationDataset
+from dilseg.runtime.errors import DilsegError
+from dilseg.runtime.files import atomic_write
 from dilseg.runtime.metadata import ModelMeta
 from dilseg.runtime.metrics import ConfusionMatrix
 from dilseg.runtime.preprocess import normalize
 
-from dilseg.runtime.files import atomic_write
-
+from .augment import Photometric
+from .losses import segmentation_loss
+from .train_data import CropDataset, EpochSampler, Split, load_pairs, make_split, thin_pixels, worker_init
 from .weights import save_weights
 from .zoo import create_model
 
+THIN_CLASSES = ("Pole", "SignSymbol", "Fence", "Pedestrian")
+RUN_FILES = ("log.csv", "last.pt", "best.safetensors", "last.safetensors", "best.json")
+# Settings that define what a run measures: resuming under other values would mix two runs.
+FIXED_ON_RESUME = ("model", "holdout", "train_splits", "seed")
 
-class TrainError(ValueError):
+
+class TrainError(DilsegError, ValueError):
     """A training run that cannot start as asked (the message says what to change)."""
 
 
@@ -40,7 +56,7 @@ class TrainError(ValueError):
 class TrainConfig:
     model: str = "edge_m"
     data: str = "../shared/data/camvid"
-    out: str = "runs/edge_m"
+    out: str = "training/runs/edge_m"
     epochs: int = 60
     batch_size: int = 8
     crop: tuple[int, int] = (320, 416)  # (H, W) training crop
@@ -51,9 +67,19 @@ class TrainConfig:
     poly_power: float = 0.9
     seed: int = 0
     threads: int = 0  # 0: torch's default
+    workers: int = 0  # augmenting DataLoader worker processes (0: in the main process)
     val_every: int = 1
     max_train_images: int = 0  # 0: all; small values for smoke tests
     max_val_images: int = 0
+    holdout: str = ""  # a sequence to hold out (selects the best epoch); "" = classic val selects
+    train_splits: tuple[str, ...] = ("train",)
+    photometric: bool = False
+    thin_sampling: float = 0.0  # chance a crop is centred on a thin class (THIN_CLASSES)
+    label_smoothing: float = 0.0
+    ohem: float = 0.0  # keep pixels whose true-class probability is below this (0: off)
+    ema: float = 0.0  # EMA decay per step (0: off); EMA weights are evaluated and saved
+    amp: bool = False  # bf16 autocast (CUDA)
+    channels_last: bool = False
 
 
 def class_weights(labels: list[np.ndarray], num_classes: int, ignore: int) -> np.ndarray:
@@ -64,27 +90,6 @@ def class_weights(labels: list[np.ndarray], num_classes: int, ignore: int) -> np
         counts += np.bincount(valid.ravel(), minlength=num_classes)[:num_classes]
     p = counts / max(counts.sum(), 1)
     return (1.0 / np.log(1.02 + p)).astype(np.float32)
-
-
-def augment(image: np.ndarray, label: np.ndarray, crop: tuple[int, int], scale: tuple[float, float],
-            ignore: int, rng: random.Random) -> tuple[np.ndarray, np.ndarray]:
-    """Random scale, random crop (padding with the void label where the image is small), flip."""
-    s = rng.uniform(*scale)
-    h, w = label.shape
-    nh, nw = max(8, int(h * s + 0.5)), max(8, int(w * s + 0.5))
-    image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR)
-    label = cv2.resize(label, (nw, nh), interpolation=cv2.INTER_NEAREST)
-    ch, cw = crop
-    ph, pw = max(0, ch - nh), max(0, cw - nw)
-    if ph or pw:
-        image = cv2.copyMakeBorder(image, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=0)
-        label = cv2.copyMakeBorder(label, 0, ph, 0, pw, cv2.BORDER_CONSTANT, value=ignore)
-    y = rng.randint(0, image.shape[0] - ch)
-    x = rng.randint(0, image.shape[1] - cw)
-    image, label = image[y:y + ch, x:x + cw], label[y:y + ch, x:x + cw]
-    if rng.random() < 0.5:
-        image, label = image[:, ::-1], label[:, ::-1]
-    return np.ascontiguousarray(image), np.ascontiguousarray(label)
 
 
 def camvid_meta(model_name: str, input_size: tuple[int, int] | None = (360, 480)) -> ModelMeta:
@@ -99,109 +104,245 @@ def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     warm = cfg.warmup_epochs * steps_per_epoch
     if step < warm:
         return cfg.lr * (step + 1) / warm
-    return cfg.lr * (1 - (step - warm) / max(1, total - warm)) ** cfg.poly_power
+    return cfg.lr * max(0.0, 1 - (step - warm) / max(1, total - warm)) ** cfg.poly_power
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: SegmentationDataset, meta: ModelMeta, device: torch.device,
-             limit: int = 0) -> float:
-    """Val mIoU at the dataset's own resolution (CamVid frames are the model input size)."""
+def evaluate(model: torch.nn.Module, pairs: list[tuple[np.ndarray, np.ndarray]], meta: ModelMeta,
+             device: torch.device, num_classes: int, ignore: int, amp: bool = False,
+             channels_last: bool = False) -> ConfusionMatrix:
+    """Confusion matrix at the frames' own resolution (CamVid frames are the model input size)."""
     model.eval()
-    cm = ConfusionMatrix(data.num_classes, data.ignore_index)
-    for i in range(min(limit or len(data), len(data))):
-        image, label = data[i]
+    cm = ConfusionMatrix(num_classes, ignore)
+    for image, label in pairs:
         x = torch.from_numpy(normalize(image, meta)).to(device)
-        pred = model(x).argmax(1)[0].cpu().numpy()
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            pred = model(x).argmax(1)[0].cpu().numpy()
         cm.update(label, pred)
-    return cm.scores().miou
+    return cm
 
 
-def train(cfg: TrainConfig, resume: bool = False) -> Path:
-    out = Path(cfg.out)
+def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to replace an existing run unless asked to continue or to start over."""
+    if resume and overwrite:
+        raise TrainError("--resume continues a run and --overwrite starts it over: pass one of them")
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"{out}: exists and is not a folder; pass --out a run folder")
+    existing = [name for name in RUN_FILES if (out / name).exists()]
+    if existing and not resume and not overwrite:
+        raise TrainError(f"{out} already holds a run ({', '.join(existing)}); pass --resume to continue it, "
+                         "--overwrite to start it over (replaces those files), or another --out")
+    if overwrite:
+        for name in existing:
+            (out / name).unlink()
     out.mkdir(parents=True, exist_ok=True)
+
+
+def load_checkpoint(path: Path, device: torch.device) -> dict:
+    """last.pt as a dict, or a TrainError that names the file and what to do."""
+    fix = f"pass --overwrite to start the run over, or restore {path.name} from a copy (git checkout of the run folder)"
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as exc:  # truncated zip, pickle garbage, wrong format: all the same to the user
+        raise TrainError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+                         f"{fix}") from None
+    needed = ("model", "optimizer", "epoch", "best_miou", "config")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in needed):
+        what = "a bare state dict" if isinstance(ckpt, dict) and all(torch.is_tensor(v) for v in ckpt.values()) \
+            else "not a dilseg training checkpoint"
+        raise TrainError(f"{path}: {what} (needs {', '.join(needed)}); to train from weights alone start a new run; "
+                         f"{fix}")
+    return ckpt
+
+
+def _load_state(module, state: dict, path: Path, what: str) -> None:
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()
+        detail = next((line.strip() for line in first[1:] if line.strip()), first[0] if first else "")
+        raise TrainError(f"{path}: its {what} does not fit this run ({detail[:160]}); pass --overwrite to start over, "
+                         "or the --model the run was made with") from None
+
+
+class Run:
+    """Model, optimizer, EMA and bookkeeping of one training run."""
+
+    def __init__(self, cfg: TrainConfig, num_classes: int, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+        self.model = create_model(cfg.model, num_classes).to(device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.ema = None
+        if cfg.ema:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            # use_buffers: BatchNorm statistics are averaged too, so the EMA model runs as is.
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+        self.start_epoch, self.best = 0, -1.0
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def state(self, epoch: int) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(), "epoch": epoch,
+                "best_miou": self.best, "torch_rng": torch.get_rng_state(), "config": asdict(self.cfg),
+                "ema": self.ema.state_dict() if self.ema is not None else None}
+
+    def restore(self, path: Path) -> None:
+        ckpt = load_checkpoint(path, self.device)
+        old = ckpt["config"]
+        for key in FIXED_ON_RESUME:
+            mine, theirs = getattr(self.cfg, key), old.get(key, getattr(TrainConfig, key, None))
+            if isinstance(mine, tuple):
+                theirs = tuple(theirs) if theirs is not None else theirs
+            if theirs != mine:
+                raise TrainError(f"{path} is a {key}={theirs} run, not {key}={mine}; pass the same --{key.replace('_', '-')}, "
+                                 "or a new --out to start another run" if key != "model" else
+                                 f"{path} is a {theirs} run, not {mine}; pass the same --model, or a new --out to start "
+                                 "another run")
+        changed = {f.name: (old[f.name], getattr(self.cfg, f.name)) for f in fields(TrainConfig)
+                   if f.name in old and f.name not in ("out", "data", "threads", "workers")
+                   and _norm(old[f.name]) != _norm(getattr(self.cfg, f.name))}
+        if changed:
+            # The schedule and recipe are functions of these: resuming with new ones bends the curve.
+            print("note: resuming with changed settings " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
+                  flush=True)
+        _load_state(self.model, ckpt["model"], path, "model")
+        _load_state(self.opt, ckpt["optimizer"], path, "optimizer state")
+        if self.ema is not None:
+            if ckpt.get("ema") is not None:
+                _load_state(self.ema, ckpt["ema"], path, "EMA")
+            else:
+                print("note: the checkpoint has no EMA; the EMA starts from the current weights", flush=True)
+                self.ema.module.load_state_dict(self.model.state_dict())
+        self.start_epoch, self.best = ckpt["epoch"] + 1, ckpt["best_miou"]
+        torch.set_rng_state(ckpt["torch_rng"].cpu())  # a CPU ByteTensor, even when mapped to a GPU
+
+
+def _norm(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _loader(cfg: TrainConfig, pairs: list, meta: ModelMeta, ignore: int, num_classes: int,
+            device: torch.device) -> tuple[DataLoader, EpochSampler]:
+    thin = None
+    if cfg.thin_sampling:
+        ids = tuple(CAMVID_CLASSES.index(c) for c in THIN_CLASSES if c in CAMVID_CLASSES[:num_classes])
+        thin = thin_pixels([lab for _, lab in pairs], ids, seed=cfg.seed)
+    photo = Photometric() if cfg.photometric else None
+    data = CropDataset(pairs, meta, cfg.crop, cfg.scale, ignore, cfg.seed, photo, thin)
+    sampler = EpochSampler(len(pairs), cfg.seed, thin, cfg.thin_sampling)
+    # Drop the ragged last batch: a batch of one breaks BatchNorm's statistics.
+    drop_last = len(pairs) > cfg.batch_size
+    loader = DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
+                        drop_last=drop_last, persistent_workers=cfg.workers > 0, worker_init_fn=worker_init,
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None)
+    return loader, sampler
+
+
+def _log_row(path: Path, row: dict) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            w.writeheader()
+        w.writerow(row)
+
+
+def _scores_json(cm: ConfusionMatrix, classes: tuple[str, ...]) -> dict:
+    s = cm.scores()
+    return {"miou": s.miou, "iou": {c: (None if math.isnan(v) else float(v)) for c, v in zip(classes, s.iou)}}
+
+
+def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Path:
+    out = Path(cfg.out)
+    prepare_out(out, resume, overwrite)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
 
-    train_set = SegmentationDataset(cfg.data, "train")
-    val_set = SegmentationDataset(cfg.data, "val")
-    # Preload: the whole of CamVid train is ~190 MB of pixels; JPEG decoding every epoch
-    # would cost as much as a small model's forward pass on this 2-core machine.
-    n = len(train_set) if not cfg.max_train_images else min(cfg.max_train_images, len(train_set))
-    pairs = [train_set[i] for i in tqdm(range(n), desc="loading train", unit="img")]
-    weights = torch.from_numpy(class_weights([p[1] for p in pairs], train_set.num_classes, train_set.ignore_index)).to(device)
+    split: Split = make_split(cfg.data, cfg.holdout, cfg.train_splits)
+    ref: SegmentationDataset = split.train[0]
+    num_classes, ignore = ref.num_classes, ref.ignore_index
+    pairs = load_pairs(split.train, cfg.max_train_images)
+    holdout_pairs = load_pairs(split.holdout, cfg.max_val_images)
+    val_pairs = load_pairs(split.val, cfg.max_val_images)
+    selector = "holdout" if holdout_pairs else ("val" if val_pairs else "")
+    print(f"training on {len(pairs)} frames of {', '.join(cfg.train_splits)}"
+          + (f" without sequence {cfg.holdout}" if cfg.holdout else "")
+          + (f"; held-out {cfg.holdout}: {len(holdout_pairs)} frames" if holdout_pairs else "")
+          + (f"; classic val: {len(val_pairs)} frames" if val_pairs else "")
+          + (f"; selecting on {selector}" if selector else "; no selection (fixed epoch count, last weights)"),
+          flush=True)
+    weights = torch.from_numpy(class_weights([p[1] for p in pairs], num_classes, ignore)).to(device)
     meta = camvid_meta(cfg.model)
+    loader, sampler = _loader(cfg, pairs, meta, ignore, num_classes, device)
+    steps_per_epoch = len(loader)
 
-    model = create_model(cfg.model, train_set.num_classes).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    start_epoch, best = 0, -1.0
-    ckpt_path = out / "last.pt"
-    log_path = out / "log.csv"
+    run = Run(cfg, num_classes, device)
+    ckpt_path, log_path = out / "last.pt", out / "log.csv"
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ckpt["config"]["model"] != cfg.model:
-            raise TrainError(f"{ckpt_path} is a {ckpt['config']['model']} run, not {cfg.model}; "
-                             "pass the same --model, or a new --out to start another run")
-        changed = {k: (v, getattr(cfg, k)) for k, v in ckpt["config"].items()
-                   if k in ("epochs", "lr", "batch_size", "crop", "weight_decay") and v != getattr(cfg, k, v)}
-        if changed:
-            # The schedule is a function of these: resuming with new ones bends the curve.
-            print("note: resuming with changed settings " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changed.items()),
-                  flush=True)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        start_epoch, best = ckpt["epoch"] + 1, ckpt["best_miou"]
-        rng.setstate(ckpt["py_rng"])
-        torch.set_rng_state(ckpt["torch_rng"].cpu())  # a CPU ByteTensor, even when mapped to a GPU
-        print(f"resumed {ckpt_path} at epoch {start_epoch} (best val mIoU {best:.4f})", flush=True)
+        run.restore(ckpt_path)
+        print(f"resumed {ckpt_path} at epoch {run.start_epoch} (best {selector or 'val'} mIoU {run.best:.4f})", flush=True)
     elif resume:
         print(f"no checkpoint at {ckpt_path}; starting from scratch", flush=True)
-    if start_epoch == 0 and log_path.exists():
-        log_path.unlink()
+    if run.start_epoch == 0 and log_path.exists():
+        log_path.unlink()  # --resume without last.pt: the log belongs to no checkpoint
 
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
+    for epoch in range(run.start_epoch, cfg.epochs):
+        run.model.train()
+        sampler.set_epoch(epoch)
         t0 = time.time()
-        order = list(range(n))
-        rng.shuffle(order)
-        total_loss, seen = 0.0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False)
-        for s in bar:
-            idx = order[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            batch = [augment(*pairs[i], cfg.crop, cfg.scale, train_set.ignore_index, rng) for i in idx]
-            x = torch.from_numpy(np.concatenate([normalize(img, meta) for img, _ in batch])).to(device)
-            y = torch.from_numpy(np.stack([lab for _, lab in batch]).astype(np.int64)).to(device)
+        total_loss, seen, lr = 0.0, 0, cfg.lr
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False)
+        for s, (x, y) in enumerate(bar):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             lr = lr_at(cfg, epoch * steps_per_epoch + s, steps_per_epoch)
-            for group in opt.param_groups:
+            for group in run.opt.param_groups:
                 group["lr"] = lr
-            loss = F.cross_entropy(model(x), y, weight=weights, ignore_index=train_set.ignore_index)
-            opt.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp):
+                logits = run.model(x)
+            loss = segmentation_loss(logits.float(), y, weights, ignore, cfg.label_smoothing, cfg.ohem)
+            run.opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
-            total_loss += loss.item() * len(idx)
-            seen += len(idx)
+            run.opt.step()
+            if run.ema is not None:
+                run.ema.update_parameters(run.model)
+            total_loss += loss.item() * len(y)
+            seen += len(y)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.2e}")
         train_time = time.time() - t0
-        miou = float("nan")
+        scores = {"holdout": float("nan"), "val": float("nan")}
+        cms = {}
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
-            miou = evaluate(model, val_set, meta, device, cfg.max_val_images)
-        if miou > best:
-            best = miou
-            save_weights(model, out / "best.safetensors", cfg.model, CAMVID_CLASSES, epoch=str(epoch + 1), val_miou=f"{miou:.4f}")
-        save_weights(model, out / "last.safetensors", cfg.model, CAMVID_CLASSES, epoch=str(epoch + 1))
-        state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "best_miou": best,
-                 "py_rng": rng.getstate(), "torch_rng": torch.get_rng_state(), "config": asdict(cfg)}
-        atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
-        new = not log_path.exists()
-        with open(log_path, "a", newline="") as f:
-            w = csv.writer(f)
-            if new:
-                w.writerow(["epoch", "train_loss", "val_miou", "lr", "epoch_seconds"])
-            w.writerow([epoch + 1, f"{total_loss / max(seen, 1):.5f}", f"{miou:.5f}", f"{lr:.6g}", f"{train_time:.1f}"])
-        print(f"epoch {epoch + 1}/{cfg.epochs} loss {total_loss / max(seen, 1):.4f} val mIoU {miou:.4f} "
-              f"(best {best:.4f}) {train_time:.0f}s", flush=True)
-    return out / "best.safetensors"
+            for name, data in (("holdout", holdout_pairs), ("val", val_pairs)):
+                if data:
+                    cms[name] = evaluate(run.eval_model, data, meta, device, num_classes, ignore, cfg.amp,
+                                         cfg.channels_last)
+                    scores[name] = cms[name].scores().miou
+        info = {"epoch": str(epoch + 1)}
+        if selector and selector in cms and scores[selector] > run.best:
+            run.best = scores[selector]
+            save_weights(run.eval_model, out / "best.safetensors", cfg.model, CAMVID_CLASSES,
+                         selected_on=selector, **{f"{k}_miou": f"{v:.4f}" for k, v in scores.items() if not math.isnan(v)},
+                         **info, holdout=cfg.holdout)
+            report = {"epoch": epoch + 1, "selected_on": selector, "holdout_sequence": cfg.holdout,
+                      **{k: _scores_json(cm, CAMVID_CLASSES[:num_classes]) for k, cm in cms.items()}}
+            atomic_write(out / "best.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + "\n"))
+        save_weights(run.eval_model, out / "last.safetensors", cfg.model, CAMVID_CLASSES, **info)
+        atomic_write(ckpt_path, lambda tmp: torch.save(run.state(epoch), tmp))
+        _log_row(log_path, {"epoch": epoch + 1, "train_loss": f"{total_loss / max(seen, 1):.5f}",
+                            "holdout_miou": f"{scores['holdout']:.5f}", "val_miou": f"{scores['val']:.5f}",
+                            "lr": f"{lr:.6g}", "epoch_seconds": f"{train_time:.1f}"})
+        shown = " ".join(f"{k} mIoU {v:.4f}" for k, v in scores.items() if not math.isnan(v))
+        print(f"epoch {epoch + 1}/{cfg.epochs} loss {total_loss / max(seen, 1):.4f} {shown or 'not evaluated'}"
+              + (f" (best {selector} {run.best:.4f})" if selector else "") + f" {train_time:.0f}s", flush=True)
+    return out / ("best.safetensors" if selector else "last.safetensors")

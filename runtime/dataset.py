@@ -6,12 +6,15 @@ palette travel into every exported artifact.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Union
 
 import cv2
 import numpy as np
+
+from .errors import DilsegError
 
 CAMVID_CLASSES: tuple[str, ...] = (
     "Sky", "Building", "Pole", "Road", "Sidewalk", "Tree",
@@ -25,7 +28,7 @@ CAMVID_IGNORE = 11
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
 
-class DatasetError(ValueError):
+class DatasetError(DilsegError, ValueError):
     """A dataset folder is missing, incomplete, or holds a file that cannot be used."""
 
 
@@ -34,6 +37,15 @@ class Sample:
     stem: str
     image: Path
     label: Path | None
+
+
+def sequence_of(stem: str) -> str:
+    """The video sequence a frame belongs to: CamVid stems are ``<sequence>_<frame>``.
+
+    A stem without an underscore is its own sequence, so a dataset of unrelated images
+    still splits (each image alone).
+    """
+    return stem.rsplit("_", 1)[0] if "_" in stem else stem
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -82,6 +94,16 @@ class SegmentationDataset:
 
     def __len__(self) -> int:
         return len(self.samples)
+
+    def sequences(self) -> list[str]:
+        """The sequences (see ``sequence_of``) present in this split, sorted."""
+        return sorted({sequence_of(s.stem) for s in self.samples})
+
+    def select(self, sequences: set[str] | frozenset[str], keep: bool = True) -> "SegmentationDataset":
+        """A copy holding only the frames of ``sequences`` (``keep=False``: all but those)."""
+        part = copy.copy(self)
+        part.samples = [s for s in self.samples if (sequence_of(s.stem) in sequences) == keep]
+        return part
 
     def read_image(self, i: int) -> np.ndarray:
         """BGR uint8 image (OpenCV's order, as every source delivers frames)."""
