@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 from dilseg import __version__
-from dilseg.runtime.metadata import METADATA_KEY, ModelMeta
+from dilseg.runtime.metadata import ModelMeta
+
+from .onnx_meta import attach_metadata  # noqa: F401 (re-exported: callers import it from here)
 
 DEFAULT_OPSET = 17
 
@@ -62,15 +64,6 @@ def torch_to_onnx_bytes(model: nn.Module, sample: torch.Tensor, output_kind: str
         torch.onnx.export(wrapped, sample, buf, opset_version=opset, input_names=["input"], output_names=[out_name],
                           dynamic_axes=axes, do_constant_folding=True, dynamo=False)
     return buf.getvalue()
-
-
-def attach_metadata(model_proto: onnx.ModelProto, meta: ModelMeta) -> None:
-    del model_proto.metadata_props[:]
-    entry = model_proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, meta.to_json()
-    model_proto.producer_name = "dilseg"
-    model_proto.producer_version = __version__
-    model_proto.doc_string = f"dilseg {meta.model}: {meta.num_classes}-class semantic segmentation ({meta.output_kind})"
 
 
 def with_logits_output(model_proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -240,6 +240,23 @@ def used_domains_only(proto: onnx.ModelProto) -> None:
     proto.opset_import.extend(keep)
 
 
+def label_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Names of the nodes after the ArgMax: they move class ids (a reduced head resizes them as
+    floats), which a Q/DQ pair would round to the quantisation grid, i.e. to other classes."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in proto.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    found: list[str] = []
+    todo = [o for n in proto.graph.node if n.op_type == "ArgMax" for o in n.output]
+    while todo:
+        for node in consumers.get(todo.pop(), []):
+            if node.name not in found:
+                found.append(node.name)
+                todo.extend(node.output)
+    return found
+
+
 def quantize_int8(proto: onnx.ModelProto, meta: ModelMeta, reader: ImageReader, target: str, method: str,
                   chunk: int = 4) -> tuple[onnx.ModelProto, dict]:
     """Static QDQ quantisation; ``target`` picks the flavour (see the module docstring)."""
@@ -273,12 +290,13 @@ def quantize_int8(proto: onnx.ModelProto, meta: ModelMeta, reader: ImageReader, 
         with tempfile.TemporaryDirectory(prefix="dilseg-int8-") as tmp:
             pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
             quant_pre_process(proto, str(pre), skip_symbolic_shape=True)
+            exclude = label_nodes(onnx.load(str(pre)))
             reader.rewind()
             with contextlib.redirect_stdout(io.StringIO()):  # the calibrator print()s its progress
                 quantize_static(str(pre), str(out), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                                 activation_type=QuantType.QInt8 if trt else QuantType.QUInt8,
                                 weight_type=QuantType.QInt8, calibrate_method=calibrate, reduce_range=False,
-                                extra_options=extra)
+                                nodes_to_exclude=exclude, extra_options=extra)
             quantized = onnx.load(str(out))
     finally:
         logging.getLogger().setLevel(quiet)
@@ -298,7 +316,7 @@ def quantize_int8(proto: onnx.ModelProto, meta: ModelMeta, reader: ImageReader, 
 def make_variant(proto: onnx.ModelProto, meta: ModelMeta, precision: str, calib: list[Path],
                  target: str = "tensorrt", method: str = "entropy") -> tuple[onnx.ModelProto, ModelMeta]:
     """The fp16 or int8 variant of a verified fp32 graph, with its metadata updated."""
-    from .onnx_export import attach_metadata
+    from .onnx_meta import attach_metadata
 
     if precision not in ("fp16", "int8"):
         raise QuantizeError(f"precision must be fp16 or int8 here, not {precision!r}")
