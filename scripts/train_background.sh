@@ -5,7 +5,9 @@
 #
 # Each run lives in training/runs/<name>/ (last.pt, log.csv, best.safetensors, best.json,
 # train.log) and resumes from its last.pt, so stopping the script at any point loses at
-# most the epoch in progress. Environment: DATA (default ../shared/data/camvid),
+# most the epoch in progress. The runs execute a snapshot of the committed code (git HEAD
+# when the script starts, unpacked under /tmp), so edits in the working tree while a run
+# goes on cannot break or change it. Environment: DATA (default ../shared/data/camvid),
 # THREADS (torch threads, default 1), NICE (default 15), PLAN (default training/plan.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,14 +17,25 @@ NICE=${NICE:-15}
 PLAN=${PLAN:-training/plan.txt}
 export TQDM_DISABLE=1  # one line per epoch in the logs, not a progress bar per step
 
+rev=$(git rev-parse --short HEAD)
+SNAP=$(mktemp -d "/tmp/dilseg-train-$rev.XXXXXX")
+trap 'rm -rf "$SNAP"' EXIT
+git archive HEAD dilseg export runtime | tar -x -C "$SNAP"
+mv "$SNAP/export" "$SNAP/runtime" "$SNAP/dilseg/"
+# -P: the snapshot, not the working tree in the current folder, provides dilseg.
+export PYTHONPATH="$SNAP${PYTHONPATH:+:$PYTHONPATH}"
+python3 -P -c "import dilseg.export.train as t, sys; sys.exit(0 if t.__file__.startswith('$SNAP') else 1)" \
+    || { echo "cannot import the code snapshot in $SNAP" >&2; exit 1; }
+echo "$(date -u +%FT%TZ) code: $rev (snapshot $SNAP)"
+
 while IFS='|' read -r name args; do
     name=$(echo "$name" | xargs)
     [[ -z "$name" || "$name" == \#* ]] && continue
     dir=training/runs/$name
     mkdir -p "$dir"
-    echo "$(date -u +%FT%TZ) start/resume $name: $args" | tee -a "$dir/train.log"
+    echo "$(date -u +%FT%TZ) start/resume $name at $rev: $args" | tee -a "$dir/train.log"
     # shellcheck disable=SC2086  # args are a word list by design
-    if ! nice -n "$NICE" python3 -m dilseg.runtime.cli train --data "$DATA" --out "$dir" --resume \
+    if ! nice -n "$NICE" python3 -P -m dilseg.runtime.cli train --data "$DATA" --out "$dir" --resume \
             --threads "$THREADS" $args < /dev/null >> "$dir/train.log" 2>&1; then
         echo "$(date -u +%FT%TZ) $name failed (see $dir/train.log); going on with the next run" | tee -a "$dir/train.log"
     fi
