@@ -76,11 +76,12 @@ class Dilation8(nn.Module):
         self.frontend = Dilation8FrontEnd(num_classes)
         self.context = context
 
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores at output stride 8 (before the upsampling; export heads start here)."""
+        return self.context(self.frontend(reflect_pad(x, FRONTEND_MARGIN)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        padded = reflect_pad(x, FRONTEND_MARGIN)
-        scores = self.context(self.frontend(padded))
-        return F.interpolate(scores, size=(h, w), mode="bilinear", align_corners=False)
+        return F.interpolate(self.scores(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def dilation8_frontend(num_classes: int = 11) -> Dilation8FrontEnd:

@@ -75,11 +75,12 @@ class EdgeDRN(nn.Module):
             if isinstance(m, nn.Conv2d) and m not in self.context.convs:
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
+    def scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Class scores at output stride 8 (before the upsampling; export heads start here)."""
+        return self.context(self.classifier(self.degrid(self.stages(self.stem(x)))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        scores = self.classifier(self.degrid(self.stages(self.stem(x))))
-        scores = self.context(scores)
-        return F.interpolate(scores, size=(h, w), mode="bilinear", align_corners=False)
+        return F.interpolate(self.scores(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def edge_s(num_classes: int = 11) -> EdgeDRN:

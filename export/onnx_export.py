@@ -15,6 +15,7 @@ from torch import nn
 from dilseg import __version__
 from dilseg.runtime.metadata import ModelMeta
 
+from .heads import HeadError, LabelHead, resolve_head
 from .onnx_meta import attach_metadata  # noqa: F401 (re-exported: callers import it from here)
 
 DEFAULT_OPSET = 17
@@ -24,19 +25,30 @@ class ExportError(ValueError):
     """The export cannot proceed or its result failed verification."""
 
 
-class _WithHead(nn.Module):
-    """Wraps a model so the graph ends in int32 labels (argmax in the graph) or logits."""
+class _LogitsOnly(nn.Module):
+    """A logits export: the model's own full-resolution output."""
 
-    def __init__(self, model: nn.Module, output_kind: str) -> None:
+    def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model, self.output_kind = model, output_kind
+        self.model = model
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.model(x)
-        if self.output_kind == "labels":
-            # TensorRT's ArgMax yields INT64 unless the graph casts: only H*W int32 come back.
-            return logits.argmax(1).to(torch.int32)
-        return logits
+        return self.model(x)
+
+
+def wrap_for_export(model: nn.Module, output_kind: str, head: str = "full", dynamic: bool = False) -> nn.Module:
+    """The module torch exports: the model with its label head, or the model alone for logits."""
+    if output_kind == "labels":
+        return LabelHead(model, head, crop=dynamic)
+    return _LogitsOnly(model)
+
+
+def head_of(meta: ModelMeta) -> str:
+    """The head an exported graph was built with (graphs from before heads existed: full)."""
+    return meta.extra.get("head", "full") if meta.output_kind == "labels" else "full"
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -51,8 +63,9 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def torch_to_onnx_bytes(model: nn.Module, sample: torch.Tensor, output_kind: str, dynamic: bool, opset: int) -> bytes:
-    wrapped = _WithHead(model, output_kind).eval()
+def torch_to_onnx_bytes(model: nn.Module, sample: torch.Tensor, output_kind: str, dynamic: bool, opset: int,
+                        head: str = "full") -> bytes:
+    wrapped = wrap_for_export(model, output_kind, head, dynamic).eval()
     out_name = "labels" if output_kind == "labels" else "logits"
     axes = None
     if dynamic:
@@ -94,6 +107,13 @@ def check_labels_match_logits(labels: np.ndarray, logits: np.ndarray, precision:
         raise ExportError("the graph's labels disagree with the argmax of its own logits")
 
 
+def logits_labels(labels: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """The labels at the logits' resolution: a reduced head repeats each of its labels over a
+    block, so the top-left pixel of every block is the label its ArgMax chose."""
+    step_h, step_w = labels.shape[-2] // logits.shape[-2], labels.shape[-1] // logits.shape[-1]
+    return labels[..., ::max(step_h, 1), ::max(step_w, 1)][..., : logits.shape[-2], : logits.shape[-1]]
+
+
 @dataclass
 class Verification:
     max_abs_diff: float
@@ -121,7 +141,11 @@ def verification_inputs(meta: ModelMeta, size: tuple[int, int], n: int = 3, seed
 
 def verify_onnx(model: nn.Module, model_bytes: bytes, meta: ModelMeta, size: tuple[int, int],
                 inputs: list[np.ndarray] | None = None) -> Verification:
-    """Run PyTorch and ONNX Runtime on the same inputs; compare logits and argmax."""
+    """Run PyTorch and ONNX Runtime on the same inputs; compare logits and argmax.
+
+    PyTorch runs the same head as the graph (``head`` in the metadata), so the logits
+    compared are the ones its ArgMax reads, at that head's resolution.
+    """
     import onnxruntime as ort
 
     proto = onnx.load_from_string(model_bytes)
@@ -132,17 +156,20 @@ def verify_onnx(model: nn.Module, model_bytes: bytes, meta: ModelMeta, size: tup
     in_type = np.float16 if sess.get_inputs()[0].type == "tensor(float16)" else np.float32
     inputs = inputs if inputs is not None else verification_inputs(meta, size)
     worst, agree, total = 0.0, 0, 0
-    model.eval()
+    wrapped = wrap_for_export(model, meta.output_kind, head_of(meta), meta.input_size is None).eval()
     for x in inputs:
         with torch.no_grad():
-            ref = model(torch.from_numpy(x)).numpy()
+            xt = torch.from_numpy(x)
+            ref_logits = wrapped.logits(xt)
+            ref_labels = (wrapped(xt) if meta.output_kind == "labels" else ref_logits.argmax(1)).numpy()
+            ref_logits = ref_logits.numpy()
         outs = sess.run(None, {in_name: x.astype(in_type)})
         logits = outs[-1].astype(np.float32)
-        worst = max(worst, float(np.abs(logits - ref).max()))
+        worst = max(worst, float(np.abs(logits - ref_logits).max()))
         labels = outs[0] if meta.output_kind == "labels" else logits.argmax(1)
         if meta.output_kind == "labels":
-            check_labels_match_logits(labels, logits, meta.precision)
-        agree += int((labels == ref.argmax(1)).sum())
+            check_labels_match_logits(logits_labels(labels, logits), logits, meta.precision)
+        agree += int((labels == ref_labels).sum())
         total += labels.size
     return Verification(worst, 100.0 * agree / total, len(inputs))
 
@@ -154,19 +181,27 @@ def build_onnx(
     opset: int = DEFAULT_OPSET,
     max_abs_diff: float = 1e-3,
     min_agreement: float = 99.9,
+    head: str | None = None,
 ) -> tuple[onnx.ModelProto, ModelMeta, Verification]:
     """Export to an in-memory fp32 graph with metadata, checked and verified against PyTorch.
 
-    The precision variants (export/quantize.py) start from this verified graph.
+    ``head`` is one of export/heads.py's HEADS (None: DEFAULT_HEAD where the model exposes
+    its stride-8 scores, else full); the metadata records it. The precision variants
+    (export/quantize.py) start from this verified graph.
     """
     if opset < 13:
         raise ExportError(f"--opset {opset}: dilseg needs opset >= 13 (Resize with sizes, int32 casts)")
+    try:
+        head = resolve_head(model, head, meta.output_kind)
+    except HeadError as exc:
+        raise ExportError(str(exc)) from None
     dynamic = size is None
     trace_size = size or (256, 320)
-    meta = replace(meta, input_size=size, dilseg_version=__version__)
+    extra = {**meta.extra, "head": head} if meta.output_kind == "labels" else dict(meta.extra)
+    meta = replace(meta, input_size=size, dilseg_version=__version__, extra=extra)
     sample = torch.zeros(1, 3, *trace_size)
     model.eval()
-    proto = onnx.load_from_string(torch_to_onnx_bytes(model, sample, meta.output_kind, dynamic, opset))
+    proto = onnx.load_from_string(torch_to_onnx_bytes(model, sample, meta.output_kind, dynamic, opset, head))
     attach_metadata(proto, meta)
     try:
         onnx.checker.check_model(proto, full_check=True)
@@ -202,8 +237,9 @@ def export_onnx(
     opset: int = DEFAULT_OPSET,
     max_abs_diff: float = 1e-3,
     min_agreement: float = 99.9,
+    head: str | None = None,
 ) -> Verification:
     """Export, attach metadata, check, verify against PyTorch, then write atomically."""
-    proto, _, check = build_onnx(model, meta, size, opset, max_abs_diff, min_agreement)
+    proto, _, check = build_onnx(model, meta, size, opset, max_abs_diff, min_agreement, head)
     write_onnx(proto, output)
     return check
