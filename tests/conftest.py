@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+pytest_plugins = ["conftest_servers"]  # real servers, tmpfs, nvcc: see servers.py
+
 SMALL_SIZE = (64, 96)  # (H, W) of the fixed-size fixtures
 
 
