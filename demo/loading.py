@@ -12,8 +12,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from dilseg.runtime.artifact import read_meta
-from dilseg.runtime.backends.base import BackendError, open_backend
+from dilseg.runtime.backends import open_backend
 from dilseg.runtime.defaults import default_model_path
+from dilseg.runtime.errors import DilsegError
 from dilseg.runtime.files import atomic_write_bytes
 from dilseg.runtime.metadata import MetadataError, ModelMeta
 from dilseg.runtime.segmenter import Segmenter
@@ -21,7 +22,7 @@ from dilseg.runtime.segmenter import Segmenter
 from .settings import ENV_MODEL
 
 
-class ModelChoiceError(RuntimeError):
+class ModelChoiceError(DilsegError, RuntimeError):
     """The chosen model cannot be used; the message says why and what to do."""
 
 
@@ -44,7 +45,7 @@ def _tensorrt_reason() -> str | None:
             return hint
         except Exception as exc:  # a broken install (missing libnvinfer) is as unavailable as a missing one
             return f"{module} is installed but does not import ({type(exc).__name__}: {str(exc)[:120]})"
-    if importlib.util.find_spec("dilseg.runtime.backends.tensorrt_backend") is None:
+    if importlib.util.find_spec("dilseg.runtime.trt.runner") is None:
         return "this dilseg build has no TensorRT backend"
     return None
 
@@ -124,5 +125,5 @@ def load_segmenter(path: Path, backend_key: str) -> Segmenter:
     kwargs = {"providers": list(opt.providers)} if opt.providers else {}
     try:
         return Segmenter(open_backend(path, opt.backend, **kwargs))
-    except (BackendError, MetadataError, ImportError) as exc:
+    except DilsegError as exc:
         raise ModelChoiceError(f"{opt.label} cannot run `{path.name}`: {exc}") from None

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from dilseg.runtime.defaults import ONNX_OPSET
+
 EXPORT_EPILOG = """\
 examples:
   dilseg export onnx --model edge_m --weights runs/edge_m/best.safetensors --size 360x480 -o edge_m.onnx
@@ -54,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     size = p.add_mutually_exclusive_group(required=True)
     size.add_argument("--size", help="fixed input HxW, multiples of 8, e.g. 360x480")
     size.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    p.add_argument("--opset", type=int, default=ONNX_OPSET, help=f"ONNX opset (default {ONNX_OPSET})")
     p.add_argument("--output-kind", choices=["labels", "logits"], default="labels",
                    help="labels: argmax in the graph, int32 class ids (default); logits: NxCxHxW scores")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
@@ -168,7 +170,7 @@ def run_train(args: argparse.Namespace) -> int:
     if args.workers < 0 or args.threads < 0:
         raise CliError("--workers and --threads must be 0 or more")
     cfg = TrainConfig(model=args.model, data=args.data, out=args.out, epochs=args.epochs, batch_size=args.batch_size,
-                      lr=args.lr, crop=parse_size(args.crop), scale=(lo, hi), seed=args.seed, threads=args.threads,
+                      lr=args.lr, crop=parse_size(args.crop, "--crop"), scale=(lo, hi), seed=args.seed, threads=args.threads,
                       workers=args.workers, val_every=args.val_every, holdout=args.holdout,
                       train_splits=tuple(s for s in args.train_splits.split(",") if s),
                       photometric=args.photometric, thin_sampling=args.thin_sampling,

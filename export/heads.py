@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dilseg.runtime.errors import DilsegError
+
 HEADS: dict[str, str] = {
     "full": "bilinear x8 of the class scores, ArgMax at full resolution (the paper's head)",
     "half": "bilinear x4 of the class scores, ArgMax at 1/2 resolution, labels repeated 2x2",
@@ -33,7 +35,7 @@ REPEAT = {"full": 1, "half": 2, "quarter": 4, "eighth": 8}
 DEFAULT_HEAD = "quarter"
 
 
-class HeadError(ValueError):
+class HeadError(DilsegError, ValueError):
     """The requested head does not fit this model."""
 
 

@@ -13,15 +13,17 @@ import torch
 from torch import nn
 
 from dilseg import __version__
+from dilseg.runtime.defaults import ONNX_OPSET
+from dilseg.runtime.errors import DilsegError
 from dilseg.runtime.metadata import ModelMeta
 
 from .heads import HeadError, LabelHead, resolve_head
 from .onnx_meta import attach_metadata  # noqa: F401 (re-exported: callers import it from here)
 
-DEFAULT_OPSET = 17
+DEFAULT_OPSET = ONNX_OPSET
 
 
-class ExportError(ValueError):
+class ExportError(DilsegError, ValueError):
     """The export cannot proceed or its result failed verification."""
 
 
@@ -51,14 +53,15 @@ def head_of(meta: ModelMeta) -> str:
     return meta.extra.get("head", "full") if meta.output_kind == "labels" else "full"
 
 
-def parse_size(text: str) -> tuple[int, int]:
-    """'360x480' -> (360, 480); both multiples of 8 (the models' output stride)."""
+def parse_size(text: str, flag: str = "--size") -> tuple[int, int]:
+    """'360x480' -> (360, 480); both multiples of 8 (the models' output stride). ``flag`` names the
+    option in the error."""
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise ExportError(f"--size must look like HxW (e.g. 360x480), got {text!r}") from None
+        raise ExportError(f"{flag} must look like HxW (e.g. 360x480), got {text!r}") from None
     if h <= 0 or w <= 0 or h % 8 or w % 8:
-        raise ExportError(f"--size {h}x{w}: height and width must be positive multiples of 8 (the output stride); "
+        raise ExportError(f"{flag} {h}x{w}: height and width must be positive multiples of 8 (the output stride); "
                           f"try {max(8, h - h % 8)}x{max(8, w - w % 8)}")
     return h, w
 

@@ -24,6 +24,7 @@ import onnx
 from tqdm import tqdm
 
 from dilseg.runtime.dataset import DatasetError, list_images, read_image
+from dilseg.runtime.errors import DilsegError
 from dilseg.runtime.metadata import ModelMeta
 from dilseg.runtime.preprocess import preprocess
 
@@ -40,7 +41,7 @@ FP16_HEADROOM = 4.0
 MIN_AGREEMENT = {"fp32": 99.9, "fp16": 99.0, "int8": 90.0}
 
 
-class QuantizeError(ValueError):
+class QuantizeError(DilsegError, ValueError):
     """A precision variant cannot be made from these inputs; the message says what to change."""
 
 

@@ -1,25 +1,25 @@
-"""PyTorch backend for .safetensors weights, so `dilseg eval` and `dilseg verify` measure the
+"""PyTorch backend for .safetensors weights, so `dilseg run`, `eval` and `verify` measure the
 trained model itself with the runtime's own pre- and postprocessing.
 
-The runtime reaches this module only for a path ending in .safetensors, and imports it lazily:
-torch stays on the export side.
+It needs the model zoo, so it lives on the export side; the runtime finds it through the
+``dilseg.backends`` entry point (``pytorch``) and imports it only for weights: torch stays here.
 """
 
 from __future__ import annotations
 
 import colorsys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dilseg.runtime.backends.base import BackendError
+from dilseg.runtime.artifact import WEIGHTS_SUFFIX
+from dilseg.runtime.backends import Backend, BackendError, BackendOptions
+from dilseg.runtime.files import sha256_file
 from dilseg.runtime.metadata import ModelMeta
 
 from .train import camvid_meta
-from dilseg.runtime.files import sha256_file
-
 from .weights import load_model, read_weights_info
 
 
@@ -42,41 +42,46 @@ def weights_meta(path: str | Path, input_size: tuple[int, int] | None = None) ->
     return replace(meta, output_kind="labels", weights_sha256=sha256_file(path))
 
 
-class TorchBackend:
-    """Runs a zoo model from safetensors weights; returns int32 labels like an exported graph.
+@dataclass(frozen=True)
+class TorchOptions(BackendOptions):
+    # None lets the model see each frame at its own size (rounded down to a multiple of 8); pass
+    # an ONNX model's fixed size to compare the two at equal resolution.
+    input_size: tuple[int, int] | None = None
+    device: str = "auto"  # "auto" (CUDA when torch sees one), "cpu", "cuda", "cuda:1", ...
 
-    ``input_size`` None lets the model see each frame at its own size (rounded down to a
-    multiple of 8); pass an ONNX model's fixed size to compare the two at equal resolution.
-    """
+    def __post_init__(self) -> None:
+        if self.input_size is not None:
+            object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
+
+
+class TorchBackend(Backend):
+    """Runs a zoo model from safetensors weights; returns int32 labels like an exported graph."""
 
     name = "pytorch"
+    label = "PyTorch"
+    suffixes = (WEIGHTS_SUFFIX,)
+    artifacts = ".safetensors weights from `dilseg train`"
+    selection_hint = "pass .safetensors weights (they run on PyTorch)"
+    Options = TorchOptions
 
-    def __init__(self, path: str | Path, input_size: tuple[int, int] | None = None, device: str = "auto") -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise BackendError(f"{self.path}: no such weights file")
-        self.meta: ModelMeta = weights_meta(self.path, input_size)
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   ("cpu" if device == "auto" else device))
+    def __init__(self, path: str | Path, options: TorchOptions | None = None, **kwargs) -> None:
+        super().__init__(path, options if options is not None or not kwargs else TorchOptions(**kwargs))
         self.model: torch.nn.Module | None = None
 
-    def load(self) -> "TorchBackend":
+    def load_impl(self) -> None:
+        if not self.path.is_file():
+            raise BackendError(f"{self.path}: no such weights file")
+        self.meta = weights_meta(self.path, self.options.input_size)
+        device = self.options.device
+        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                                   ("cpu" if device == "auto" else device))
         model, _ = load_model(self.path)
         self.model = model.eval().to(self.device)
-        return self
 
-    def infer(self, tensor: np.ndarray) -> np.ndarray:
-        if self.model is None:
-            raise BackendError("backend is not loaded; call load() first")
+    def infer_impl(self, tensor: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             logits = self.model(torch.from_numpy(np.ascontiguousarray(tensor, dtype=np.float32)).to(self.device))
             return logits.argmax(1).to(torch.int32).cpu().numpy()
 
-    def close(self) -> None:
+    def close_impl(self) -> None:
         self.model = None
-
-    def __enter__(self) -> "TorchBackend":
-        return self if self.model is not None else self.load()
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -10,12 +10,13 @@ from safetensors.torch import load_file, save_file
 
 from torch import nn
 
+from dilseg.runtime.errors import DilsegError
 from dilseg.runtime.files import atomic_write
 
 from .zoo import create_model
 
 
-class WeightsError(ValueError):
+class WeightsError(DilsegError, ValueError):
     """Weights that cannot be loaded into the requested model."""
 
 

@@ -6,6 +6,8 @@ from typing import Callable
 
 from torch import nn
 
+from dilseg.runtime.errors import DilsegError
+
 from .dilation import dilation8_basic, dilation8_large
 from .edge import edge_l, edge_m, edge_s
 
@@ -19,7 +21,7 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
 DEFAULT_MODEL = "edge_m"
 
 
-class UnknownModelError(ValueError):
+class UnknownModelError(DilsegError, ValueError):
     pass
 
 

@@ -5,7 +5,21 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .errors import os_errors_as
 from .metadata import METADATA_KEY, MetadataError, ModelMeta
+
+ONNX_SUFFIX = ".onnx"
+ENGINE_SUFFIXES = (".engine", ".plan")  # a TensorRT engine, with its sidecar ENGINE.json
+WEIGHTS_SUFFIX = ".safetensors"  # weights from `dilseg train` (run on PyTorch)
+
+
+def artifact_suffix(path: str | Path) -> str:
+    """The suffix that says what an artifact is (lower case)."""
+    return Path(path).suffix.lower()
+
+
+def is_engine(path: str | Path) -> bool:
+    return artifact_suffix(path) in ENGINE_SUFFIXES
 
 
 def sidecar_path(engine: str | Path) -> Path:
@@ -27,6 +41,11 @@ def read_onnx_meta(path: str | Path) -> ModelMeta:
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as exc:
         raise MetadataError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0][:200]})") from None
+    return session_meta(path, sess)
+
+
+def session_meta(path: str | Path, sess) -> ModelMeta:
+    """The dilseg metadata of an ONNX Runtime session's model, checked against its outputs."""
     props = sess.get_modelmeta().custom_metadata_map
     if METADATA_KEY not in props:
         raise MetadataError(
@@ -34,7 +53,7 @@ def read_onnx_meta(path: str | Path) -> ModelMeta:
             "export it with `dilseg export onnx` (segmentation models only)"
         )
     meta = ModelMeta.from_json(props[METADATA_KEY])
-    check_onnx_io(path, sess, meta)
+    check_onnx_io(Path(path), sess, meta)
     return meta
 
 
@@ -59,15 +78,16 @@ def read_sidecar(engine: str | Path) -> dict:
     if not path.is_file():
         raise MetadataError(f"{engine}: no sidecar {path.name} beside the engine; rebuild it with `dilseg build`")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        with os_errors_as(MetadataError, path, "read the sidecar"):
+            return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MetadataError(f"{path}: corrupt sidecar ({exc}); rebuild the engine with `dilseg build`") from None
 
 
 def read_meta(path: str | Path) -> ModelMeta:
-    """Metadata of any runnable artifact: .onnx or .engine."""
+    """Metadata of an .onnx or a TensorRT engine (.engine / .plan, from its sidecar)."""
     path = Path(path)
-    if path.suffix == ".engine":
+    if is_engine(path):
         side = read_sidecar(path)
         if "meta" not in side:
             raise MetadataError(f"{sidecar_path(path)}: sidecar lacks the model metadata; rebuild the engine")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends import Backend
 from .files import atomic_write_bytes
 from .pipeline import FrameResult, Pipeline, PipelineStats, StageTimes
 from .preprocess import preprocess
@@ -75,7 +76,7 @@ class BenchResult:
     pipeline: dict  # PipelineStats.to_dict()
     raw_fps: float
     raw_ms: dict  # {p50, p95, mean} of back-to-back backend.infer
-    raw_stages_ms: dict = field(default_factory=dict)  # backend-reported split (upload/infer/download)
+    raw_stages_ms: dict = field(default_factory=dict)  # backend-reported split (TensorRT: gpu_upload/gpu_infer/...)
     peak_rss_mib: float = 0.0
     rss_warm_mib: float | None = None
     rss_end_mib: float | None = None
@@ -123,23 +124,25 @@ def _summary(times: StageTimes) -> dict:
     return {"p50": times.percentile(50), "p95": times.percentile(95), "mean": times.mean, "n": times.count}
 
 
-def raw_inference(backend, tensor: np.ndarray, frames: int, warmup: int) -> tuple[float, dict, dict]:
-    """Back-to-back ``backend.infer`` on one tensor: (FPS, {p50,p95,mean} ms, backend-reported stages)."""
+def raw_inference(backend: Backend, tensor: np.ndarray, frames: int, warmup: int) -> tuple[float, dict, dict]:
+    """Back-to-back ``backend.infer`` on one tensor: (FPS, {p50,p95,mean} ms of the call's wall time,
+    the backend's own split where it reports one)."""
     for _ in range(warmup):
         backend.infer(tensor)
     total, split = StageTimes(max(frames, 1)), {}
+    own = backend.capabilities.stage_timings
     t_start = time.perf_counter()
     for _ in range(frames):
         t0 = time.perf_counter()
         backend.infer(tensor)
         total.add((time.perf_counter() - t0) * 1e3)
-        for key, ms in (getattr(backend, "last_timings", None) or {}).items():
+        for key, ms in (backend.last_timings.items() if own else ()):
             split.setdefault(key, StageTimes(max(frames, 1))).add(ms)
     seconds = time.perf_counter() - t_start
     return frames / seconds if seconds > 0 else 0.0, _summary(total), {k: _summary(v) for k, v in split.items()}
 
 
-def bench(source: Source, backend, frames: int = 200, warmup: int = 20, model: str = "",
+def bench(source: Source, backend: Backend, frames: int = 200, warmup: int = 20, model: str = "",
           progress: bool = False) -> BenchResult:
     """Run the pipeline (sink: none) for ``warmup + frames`` frames, then time the backend alone
     on the last frame the pipeline saw, preprocessed the same way."""
@@ -162,7 +165,7 @@ def bench(source: Source, backend, frames: int = 200, warmup: int = 20, model: s
     raw_fps, raw_ms, raw_split = raw_inference(backend, tensor, max(1, stats.measured_frames or frames), min(warmup, 10))
     mib = 1 / (1 << 20)
     return BenchResult(
-        model=model or str(getattr(backend, "path", "")), backend=backend.name, source=source.spec, live=source.live,
+        model=model or str(backend.path), backend=backend.name, source=source.spec, live=source.live,
         frames=stats.measured_frames, warmup=warmup, pipeline=stats.to_dict(), raw_fps=raw_fps, raw_ms=raw_ms,
         raw_stages_ms=raw_split, peak_rss_mib=peak_rss_bytes() * mib,
         rss_warm_mib=probe.warm * mib if probe.warm else None, rss_end_mib=probe.last * mib if probe.last else None,

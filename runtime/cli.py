@@ -1,22 +1,31 @@
 """The `dilseg` command. Each subcommand lives in the module of its stage and imports its
-heavy dependencies only when it runs, so `dilseg run` works without torch installed."""
+heavy dependencies only when it runs, so `dilseg run` works without torch installed.
+
+The runtime's own commands are listed here; the export side's (export, train, import) and the
+demo's register under the ``dilseg.commands`` entry-point group (see pyproject.toml), so the
+runtime never imports them by name.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
+from importlib import metadata
 
 from dilseg import __version__
 
-# (module, description) per group of subcommands; each module has register(subparsers).
+from .errors import CliError, DilsegError
+
+__all__ = ["CliError", "build_parser", "main"]
+
+# Modules with register(subparsers), in the order their commands are listed.
 SUBCOMMAND_MODULES = (
-    "dilseg.export.cli",  # export, train
-    "dilseg.export.cli_build",  # build
     "dilseg.runtime.cli_run",  # run, info, bench
+    "dilseg.runtime.cli_build",  # build
     "dilseg.runtime.cli_eval",  # eval, verify
-    "dilseg.demo.cli",  # demo
 )
+COMMAND_ENTRY_POINTS = "dilseg.commands"
 
 EPILOG = """\
 typical flow:
@@ -27,10 +36,6 @@ typical flow:
   dilseg bench --source video.mp4                     # per-stage latency and FPS
 
 `dilseg COMMAND --help` explains each command with examples."""
-
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    for ep in sorted(metadata.entry_points(group=COMMAND_ENTRY_POINTS), key=lambda e: e.name):
+        ep.load()(sub)
     return parser
 
 
@@ -58,19 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:  # user-facing errors carry their own message
-        if type(exc).__name__ in USER_ERRORS or isinstance(exc, (CliError, OSError)):
-            print(f"dilseg {args.command}: error: {exc}", file=sys.stderr)
-            return 2
-        raise
-
-
-# Errors whose message is written for the user; anything else is a bug and keeps its traceback.
-USER_ERRORS = {
-    "CliError", "ExportError", "WeightsError", "UnknownModelError", "MetadataError", "DatasetError",
-    "BackendError", "SourceError", "SinkError", "EngineError", "BuildError", "VerifyError", "QuantizeError",
-    "TrainError", "TrtCompatError",
-}
+    except DilsegError as exc:  # written for the user; anything else is a bug and keeps its traceback
+        print(f"dilseg {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="accuracy of a model on a labelled dataset (IoU, mIoU, accuracy)",
                        description="Evaluate an artifact on a labelled dataset with the runtime's own processing.",
                        epilog=EVAL_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    e.add_argument("--model", help=".onnx, .engine or .safetensors (default: the shipped CamVid model)")
+    e.add_argument("--model", help=".onnx, .engine/.plan or .safetensors (default: the shipped CamVid model)")
     e.add_argument("--data", required=True, help="dataset root, e.g. ../shared/data/camvid")
     add_common(e)
     e.set_defaults(func=run_eval)
@@ -54,10 +54,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
+    from .backends import backend_names
+
     p.add_argument("--split", default="val", help="split folder under --data when it has one (default val)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON (complete or absent)")
-    p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto",
-                   help="backend for .onnx/.engine (default auto: .engine -> TensorRT, .onnx -> ONNX Runtime)")
+    p.add_argument("--backend", choices=backend_names(), default="auto",
+                   help="backend for .onnx/.engine (default auto: .onnx -> ONNX Runtime, .engine/.plan -> TensorRT, "
+                        ".safetensors -> PyTorch)")
     p.add_argument("--limit", type=int, default=0, metavar="N", help="only the first N images (quick checks)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -66,24 +69,23 @@ def check_json_target(path: str | None) -> None:
     """Fail before minutes of work, not after, when the JSON cannot be written."""
     from pathlib import Path
 
-    from .cli import CliError
+    from .errors import CliError
 
     if path and not (Path(path).parent if str(Path(path).parent) else Path(".")).is_dir():
         raise CliError(f"--json {path}: folder {Path(path).parent} does not exist")
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .cli import CliError
-    from .defaults import default_model_path
-    from .evaluate import dataset_for, eval_table, evaluate, open_model, write_json
+    from .backends import open_backend
+    from .defaults import resolve_model
+    from .errors import CliError
+    from .evaluate import dataset_for, eval_table, evaluate, write_json
 
-    model = args.model or default_model_path()
-    if args.model is None and not model.exists():
-        raise CliError(f"the shipped model {model.name} is not installed yet; pass --model FILE")
     if args.limit < 0:
         raise CliError(f"--limit must be >= 0, got {args.limit}")
     check_json_target(args.json)
-    backend = open_model(model, args.backend)
+    model = resolve_model(args.model)
+    backend = open_backend(model, args.backend)
     try:
         data = dataset_for(backend.meta, args.data, args.split)
         result = evaluate(backend, data, args.limit or None, progress=not args.no_progress, name=str(model))
@@ -96,7 +98,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from .cli import CliError
+    from .errors import CliError
     from .evaluate import check_thresholds, dataset_for, open_pair, verify, verify_table, write_json
 
     if args.limit < 0:

@@ -51,9 +51,9 @@ examples:
 It runs the whole pipeline (source -> preprocess -> infer -> postprocess -> render, no sink)
 for WARMUP + FRAMES frames, reporting per-stage p50/p95 latency and end-to-end FPS, then
 times back-to-back backend.infer calls of the same model on the same (preprocessed) frame:
-end-to-end / raw near 1 means the other stages hide behind inference. A backend that splits
-its own time (TensorRT: upload/infer/download) has those stages listed too. Peak RSS is the
-process's high-water mark.
+end-to-end / raw near 1 means the other stages hide behind inference. "infer" is the wall time
+of the inference call on every backend; one that splits its own time (TensorRT: CUDA-event
+gpu_upload/gpu_infer/gpu_download) has those listed too. Peak RSS is the process's high-water mark.
 
 {SOURCE_HELP}"""
 
@@ -82,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     i = sub.add_parser("info", help="print an artifact's metadata (.onnx or .engine)", epilog=INFO_EPILOG,
                        formatter_class=fmt, description="Print what an exported model or engine says about itself.")
-    i.add_argument("artifact", nargs="?", help="an .onnx file or an .engine (with its .engine.json sidecar); "
+    i.add_argument("artifact", nargs="?", help="an .onnx file or an .engine/.plan (with its .json sidecar); "
                                                 "default: the shipped CamVid model")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
@@ -100,9 +100,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="an .onnx or .engine (default: the shipped CamVid model)")
-    p.add_argument("--backend", choices=["auto", "onnxruntime", "tensorrt"], default="auto",
-                   help="auto: .engine -> TensorRT, .onnx -> ONNX Runtime (default auto)")
+    from .backends import backend_names
+
+    p.add_argument("--model", help="an .onnx, .engine/.plan or .safetensors (default: the shipped CamVid model)")
+    p.add_argument("--backend", choices=backend_names(), default="auto",
+                   help="auto: .onnx -> ONNX Runtime, .engine/.plan -> TensorRT, .safetensors -> PyTorch (default auto)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: cores, at most 8)")
     t = p.add_argument_group("TensorRT backend (--backend tensorrt, or an .engine)")
     t.add_argument("--cuda-graph", action="store_true",
@@ -121,60 +123,34 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="dilseg: %(message)s", stream=sys.stderr)
 
 
-def _model_path(arg: str | None) -> Path:
-    from .cli import CliError
-    from .defaults import default_model_path
-
-    if arg:
-        path = Path(arg).expanduser()
-        if not path.is_file():
-            raise CliError(f"--model {arg}: no such file; pass an .onnx from `dilseg export onnx` "
-                           "or an .engine from `dilseg build`")
-        return path
-    path = default_model_path()
-    if not path.is_file():
-        raise CliError(f"the shipped model {path.name} is not installed ({path} is missing); pass --model FILE.onnx, "
-                       "e.g. one made with `dilseg export onnx --model edge_m --size 360x480 -o edge_m.onnx`")
-    return path
-
-
-def _open_backend(args: argparse.Namespace):
+def _open_backend(args: argparse.Namespace, model: Path):
+    """The backend for ``model`` with the options given on the command line; an option the chosen
+    backend does not have is refused by the factory, whichever backend it is."""
     from .backends import open_backend
-    from .cli import CliError
 
-    path = _model_path(args.model)
-    trt_flags = {"--cuda-graph": ("cuda_graph", args.cuda_graph or None), "--fp16": ("fp16", args.fp16 or None),
-                 "--dla-core": ("dla_core", args.dla_core), "--rebuild": ("rebuild", args.rebuild or None)}
-    given = {flag: kv for flag, kv in trt_flags.items() if kv[1] is not None}
-    tensorrt = args.backend == "tensorrt" or (args.backend == "auto" and path.suffix == ".engine")
-    if given and not tensorrt:
-        raise CliError(f"{', '.join(given)}: TensorRT option(s), but {path.name} runs on ONNX Runtime here; "
-                       "add --backend tensorrt (dilseg then builds and caches an engine) or pass an .engine")
-    build_only = [flag for flag in given if flag != "--cuda-graph"]
-    if build_only and path.suffix == ".engine":
-        raise CliError(f"{', '.join(build_only)}: build option(s), but {path.name} is built already "
-                       "(`dilseg info` shows how); pass the .onnx to build with them, or use `dilseg build`")
-    options = {"threads": args.threads} if args.threads else {}
-    options.update(dict(given.values()))
-    return open_backend(path, args.backend, **options)
+    given = {"threads": args.threads or None, "cuda_graph": args.cuda_graph or None, "fp16": args.fp16 or None,
+             "dla_core": args.dla_core, "rebuild": args.rebuild or None}
+    return open_backend(model, args.backend, **{k: v for k, v in given.items() if v is not None})
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     import contextlib
 
     from .bench import RssProbe, peak_rss_bytes
-    from .cli import CliError
+    from .defaults import resolve_model
+    from .errors import CliError
     from .pipeline import Pipeline
     from .segmenter import Segmenter
     from .sinks import open_sink
     from .sources import open_source
+    from .view import ViewSettings
 
     _setup_logging()
     if not 0.0 <= args.alpha <= 1.0:
         raise CliError(f"--alpha {args.alpha}: must be within 0..1")
     if args.max_frames is not None and args.max_frames < 1:
         raise CliError(f"--max-frames {args.max_frames}: must be >= 1")
-    model = _model_path(args.model)
+    model = resolve_model(args.model)
     with contextlib.ExitStack() as stack:
         # Everything is opened and validated before the first frame: a bad source, an unwritable
         # output or an unloadable model fails here, and the sinks opened so far leave nothing.
@@ -187,15 +163,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             for spec, opts in specs:
                 sinks.append(open_sink(spec, **opts))
-            backend = _open_backend(args)
+            backend = _open_backend(args, model)
         except BaseException:
             for sink in sinks:
                 sink.abort()
             raise
         stack.callback(backend.close)
         probe = RssProbe(after=100)
-        pipeline = Pipeline(source, Segmenter(backend), sinks, view=args.view, alpha=args.alpha, legend=args.legend,
-                            max_frames=args.max_frames, on_result=probe, progress=not args.quiet)
+        view = ViewSettings(args.view, args.alpha, legend=args.legend)
+        pipeline = Pipeline(source, Segmenter(backend), sinks, view=view, max_frames=args.max_frames, on_result=probe,
+                            progress=not args.quiet)
         print(f"dilseg run: {model.name} ({backend.name}) on {source.spec}"
               f"{' (live)' if source.live else ''}; outputs: {', '.join(s.spec for s in sinks) or 'none'}",
               file=sys.stderr)
@@ -217,12 +194,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     import json
 
-    from .artifact import read_meta, read_sidecar
+    from .artifact import is_engine, read_meta, read_sidecar
+    from .defaults import resolve_model
 
-    path = Path(args.artifact) if args.artifact else _model_path(None)
+    path = resolve_model(args.artifact, flag="ARTIFACT")
     meta = read_meta(path)
     facts: dict = {"artifact": str(path), "size_bytes": path.stat().st_size}
-    if path.suffix == ".engine":
+    if is_engine(path):
         facts["build"] = {k: v for k, v in read_sidecar(path).items() if k != "meta"}
     else:
         facts["io"] = _onnx_io(path)
@@ -271,16 +249,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import contextlib
 
     from .bench import bench
-    from .cli import CliError
+    from .cli_eval import check_json_target
+    from .defaults import resolve_model
+    from .errors import CliError
     from .sources import open_source
 
     _setup_logging()
     if args.frames < 1 or args.warmup < 0:
         raise CliError("--frames must be >= 1 and --warmup >= 0")
-    model = _model_path(args.model)
+    check_json_target(args.json)  # before the benchmark, not after it
+    model = resolve_model(args.model)
     with contextlib.ExitStack() as stack:
         source = stack.enter_context(open_source(args.source))
-        backend = _open_backend(args)
+        backend = _open_backend(args, model)
         stack.callback(backend.close)
         result = bench(source, backend, frames=args.frames, warmup=args.warmup, model=str(model),
                        progress=not args.quiet)

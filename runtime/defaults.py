@@ -1,10 +1,15 @@
-"""Where the shipped default model lives (inside the installed package)."""
+"""Defaults used by more than one module, in one place: the shipped model and how a command
+finds the model it runs, the ONNX opset, the TensorRT builder's workspace."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import CliError
+
 DEFAULT_MODEL_FILE = "edge_m_camvid.onnx"
+ONNX_OPSET = 17  # what `dilseg export onnx` writes: TensorRT 10.x/11.x and ONNX Runtime all parse it
+TRT_WORKSPACE_MIB = 1024  # TensorRT builder workspace limit (`dilseg build --workspace`, the engine cache)
 
 
 def default_model_path() -> Path:
@@ -12,3 +17,20 @@ def default_model_path() -> Path:
     import dilseg.models
 
     return Path(dilseg.models.__file__).with_name(DEFAULT_MODEL_FILE)
+
+
+def resolve_model(arg: str | Path | None, flag: str = "--model") -> Path:
+    """The model a command runs: the file given (which must exist) or the shipped default."""
+    if arg:
+        path = Path(arg).expanduser()
+        if not path.is_file():
+            what = "is a folder, not a model file" if path.is_dir() else "no such file"
+            raise CliError(f"{flag} {arg}: {what}; pass an .onnx from `dilseg export onnx`, an .engine from "
+                           "`dilseg build` or .safetensors weights from `dilseg train`")
+        return path
+    path = default_model_path()
+    if not path.is_file():
+        raise CliError(f"the shipped model {path.name} is missing from this install ({path}); reinstall dilseg or "
+                       f"pass {flag} FILE.onnx, e.g. one made with `dilseg export onnx --model edge_m --size 360x480 "
+                       "-o edge_m.onnx`")
+    return path

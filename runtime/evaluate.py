@@ -16,37 +16,18 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .backends.base import Backend, BackendError, open_backend
+from .artifact import WEIGHTS_SUFFIX, artifact_suffix
+from .backends import Backend, open_backend
 from .dataset import CAMVID_IGNORE, DatasetError, Images, SegmentationDataset, open_images
+from .errors import DilsegError
 from .files import atomic_write_bytes
 from .metadata import ModelMeta
 from .metrics import ConfusionMatrix, Scores
 from .segmenter import Segmenter
 
-WEIGHTS_SUFFIX = ".safetensors"
 
-
-class VerifyError(ValueError):
+class VerifyError(DilsegError, ValueError):
     """Two artifacts cannot be compared, or a threshold needs data that is not there."""
-
-
-def open_model(path: str | Path, backend: str = "auto", input_size: tuple[int, int] | None = None) -> Backend:
-    """A loaded backend for an .onnx, .engine or .safetensors artifact.
-
-    Weights run on PyTorch (imported only here, only for weights); ``input_size`` is the
-    resolution weights are run at (None: each frame's own size, rounded down to a multiple of 8).
-    """
-    path = Path(path)
-    if path.name.endswith(WEIGHTS_SUFFIX):
-        if backend not in ("auto", "pytorch"):
-            raise BackendError(f"{path}: weights run on PyTorch; --backend {backend} applies to .onnx/.engine files")
-        try:
-            from dilseg.export.torch_backend import TorchBackend
-        except ImportError as exc:
-            raise BackendError(f"{path}: running .safetensors weights needs PyTorch ({exc}); "
-                               "pip install 'dilseg[export]', or pass an exported .onnx") from None
-        return TorchBackend(path, input_size=input_size).load()
-    return open_backend(path, backend)
 
 
 def dataset_for(meta: ModelMeta, root: str | Path, split: str | None, labelled: bool = True) -> Images:
@@ -239,13 +220,23 @@ def write_json(path: str | Path, payload: dict) -> None:
 
 
 def open_pair(reference: str | Path, candidate: str | Path, backend: str = "auto") -> tuple[Backend, Backend]:
-    """Load both sides of a verify. Weights run at the resolution of the exported side they are
-    paired with, so a size difference is never mistaken for a precision loss."""
-    is_weights = [str(p).endswith(WEIGHTS_SUFFIX) for p in (reference, candidate)]
+    """Load both sides of a verify. Weights run on PyTorch at the input size of the exported side
+    they are paired with, so a size difference is never mistaken for a precision loss."""
+    is_weights = [artifact_suffix(p) == WEIGHTS_SUFFIX for p in (reference, candidate)]
     if all(is_weights):
-        return open_model(reference), open_model(candidate)
+        return open_backend(reference), open_backend(candidate)
     if is_weights[0]:
-        cand = open_model(candidate, backend)
-        return open_model(reference, input_size=cand.meta.input_size), cand
-    ref = open_model(reference, backend)
-    return ref, open_model(candidate, backend, input_size=ref.meta.input_size)
+        cand = open_backend(candidate, backend)
+        try:
+            return open_backend(reference, input_size=cand.meta.input_size), cand
+        except BaseException:
+            cand.close()
+            raise
+    ref = open_backend(reference, backend)
+    try:
+        if is_weights[1]:
+            return ref, open_backend(candidate, input_size=ref.meta.input_size)
+        return ref, open_backend(candidate, backend)
+    except BaseException:
+        ref.close()
+        raise

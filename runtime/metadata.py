@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+from .errors import DilsegError
+
 METADATA_KEY = "dilseg"
 SCHEMA_VERSION = 1
 
 
-class MetadataError(ValueError):
+class MetadataError(DilsegError, ValueError):
     """An artifact's metadata is missing, malformed, or does not fit the artifact."""
 
 

@@ -3,8 +3,9 @@
     capture thread --[slot or queue]--> inference thread --[queue]--> output thread
     source.read()                        Segmenter(frame)             render + sinks
 
-Live sources hand over through a one-frame slot that keeps only the newest frame (the older
-one is dropped and counted: latency first). Files and folders go through a bounded FIFO
+What travels is a FrameResult, filled in stage by stage. Live sources hand over through a
+one-frame slot (sources.LatestSlot) that keeps only the newest frame (the older one is
+dropped and counted: latency first). Files and folders go through a bounded FIFO
 queue whose ``put`` blocks, so no frame is lost and order is kept. The main thread only
 waits, shows progress and turns Ctrl-C / SIGTERM into a clean stop: sources stop, what is in
 flight is written, sinks are closed (a video is finalised and playable).
@@ -22,10 +23,12 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .postprocess import palette_bgr, render
+from .metadata import ModelMeta
+from .postprocess import palette_bgr
 from .segmenter import Segmenter
 from .sinks import Sink
-from .sources import Source
+from .sources import LatestSlot, Source
+from .view import ViewSettings
 
 log = logging.getLogger("dilseg.pipeline")
 
@@ -68,7 +71,8 @@ class PipelineStats:
     corrupt_skipped: int = 0  # frames that failed to decode and were skipped
     reopens: int = 0  # live source reconnects
     warmup: int = 0  # first frames left out of timings and FPS
-    stopped_by: str = ""  # "", "max-frames", "SIGINT", "SIGTERM", "window", "stop()", "error", "source lost"
+    stopped_by: str = ""  # "", "max-frames", "SIGINT", "SIGTERM", "window", "stop()", "error", "source lost",
+    # or the reason a caller gave stop()
     stages: dict[str, StageTimes] = field(default_factory=dict)
     started: float = 0.0  # perf_counter when timing started (pipeline start, or end of warm-up)
     finished: float = 0.0  # perf_counter of the last frame out
@@ -117,64 +121,42 @@ class PipelineStats:
 
 @dataclass
 class FrameResult:
-    """One frame through the pipeline (given to ``on_result`` in the output thread)."""
+    """One frame through the pipeline: what travels down the queues, filled in stage by stage
+    (labels by inference, rendered by the output stage), and what ``on_result`` and
+    ``Sink.write_result`` receive."""
 
     index: int  # running number of the frame as captured (gaps = dropped frames)
     name: str  # the source's name for it (file stem or index)
     frame: np.ndarray
-    labels: np.ndarray
-    rendered: np.ndarray | None
-    timings: dict[str, float]
     captured_at: float  # perf_counter when the frame was read
-
-
-class LatestSlot:
-    """A one-frame mailbox: ``put`` replaces what is there (counting a drop), ``get`` takes it."""
-
-    def __init__(self) -> None:
-        self._item = None
-        self._full = False
-        self._cond = threading.Condition()
-        self.dropped = 0
-
-    def put(self, item) -> None:
-        with self._cond:
-            if self._full and self._item is not _END:
-                self.dropped += 1
-            if not (self._full and self._item is _END):  # never overwrite the end marker
-                self._item, self._full = item, True
-            self._cond.notify()
-
-    def get(self, timeout: float | None = None):
-        """The newest item; raises queue.Empty after ``timeout`` seconds without one."""
-        with self._cond:
-            if not self._cond.wait_for(lambda: self._full, timeout):
-                raise queue.Empty
-            item, self._item, self._full = self._item, None, False
-            return item
+    timings: dict[str, float] = field(default_factory=dict)  # milliseconds per stage
+    labels: np.ndarray | None = None  # HxW uint8 class ids at frame size
+    meta: ModelMeta | None = None  # the model that made ``labels``
+    rendered: np.ndarray | None = None  # the picture of the pipeline's view (None without one)
 
 
 class Pipeline:
     """source -> Segmenter -> render -> sinks, in three threads. ``run()`` returns PipelineStats.
 
-    ``max_frames`` bounds the frames processed; ``warmup`` frames are processed but left out of
-    the timings and FPS (benchmarks). ``on_result`` is called in the output thread per frame.
-    Signals are handled only when ``run()`` is called from the main thread.
+    ``view`` says what the output stage draws for the sinks (None: nothing; sinks that draw
+    for themselves, such as a web page's publisher, get ``rendered=None``). ``max_frames``
+    bounds the frames processed; ``warmup`` frames are processed but left out of the timings
+    and FPS (benchmarks). ``on_result`` is called in the output thread per frame. Signals are
+    handled only when ``run()`` is called from the main thread.
+
+    ``segmenter`` and ``view`` are plain attributes read once per frame: assigning another
+    model or view while it runs takes effect from the next frame.
     """
 
     def __init__(self, source: Source, segmenter: Segmenter, sinks: Sequence[Sink] = (), *,
-                 view: str = "overlay", alpha: float = 0.5, legend: bool = False, visible: list[int] | None = None,
-                 max_frames: int | None = None, warmup: int = 0, queue_size: int = 4,
-                 on_result: Callable[[FrameResult], None] | None = None, progress: bool = False,
-                 handle_signals: bool = True) -> None:
+                 view: ViewSettings | None = ViewSettings(), max_frames: int | None = None, warmup: int = 0,
+                 queue_size: int = 4, on_result: Callable[[FrameResult], None] | None = None,
+                 progress: bool = False, handle_signals: bool = True) -> None:
         if max_frames is not None and max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {max_frames}")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be within 0..1, got {alpha}")
         self.source, self.segmenter, self.sinks = source, segmenter, list(sinks)
-        self.meta = segmenter.meta
-        self.view, self.alpha, self.legend, self.visible = view, alpha, legend, visible
-        self.lut = palette_bgr(self.meta, visible)
+        self.view = view
+        self._luts: dict[tuple, np.ndarray] = {}
         self.max_frames, self.warmup = max_frames, warmup
         self.on_result, self.progress, self.handle_signals = on_result, progress, handle_signals
         self.live = source.live
@@ -189,6 +171,10 @@ class Pipeline:
         self.captured = threading.Event()  # the capture thread has finished
         self.inferred = threading.Event()  # the inference thread has finished
 
+    @property
+    def meta(self) -> ModelMeta:
+        return self.segmenter.meta
+
     # ------------------------------------------------------------------ control
 
     def stop(self, reason: str = "stop()") -> None:
@@ -197,6 +183,12 @@ class Pipeline:
             self.stats.stopped_by = reason
         self.stop_event.set()
         self.source.interrupt()
+
+    def counters(self) -> dict[str, int]:
+        """Frame counts so far, readable while it runs (the same names as ``PipelineStats``)."""
+        return {"frames_in": self.stats.frames_in, "frames_out": self.stats.frames_out,
+                "dropped": self.frames_q.dropped if isinstance(self.frames_q, LatestSlot) else 0,
+                "corrupt_skipped": self.source.corrupt_frames, "reopens": self.source.reopens}
 
     def _fail(self, exc: BaseException) -> None:
         with self._lock:
@@ -207,8 +199,10 @@ class Pipeline:
         """Blocking put that still notices a stop or an error (a FIFO may be full of frames
         nobody will take). The end marker is best effort: consumers also watch ``done``."""
         if isinstance(q, LatestSlot):
-            q.put(item)
-            return True
+            if item is _END:
+                q.end()
+                return True
+            return q.put(item)
         while True:
             try:
                 q.put(item, timeout=0.1)
@@ -221,13 +215,15 @@ class Pipeline:
         """The next item, or _END once the upstream stage has finished and nothing is left."""
         while True:
             try:
-                return q.get(timeout=0.1)
+                item = q.get(timeout=0.1)
+                return _END if item is None else item  # None: a LatestSlot that has ended
             except queue.Empty:
                 if self.errors or upstream_done.is_set():
                     try:  # an item may have landed between the timeout and the check
-                        return q.get_nowait() if not isinstance(q, LatestSlot) else q.get(timeout=0)
+                        item = q.get_nowait() if not isinstance(q, LatestSlot) else q.get(timeout=0)
                     except queue.Empty:
                         return _END
+                    return _END if item is None else item
 
     def _wait_for_room(self, q: queue.Queue) -> None:
         """Live: take a frame only once its result can be handed on at once; a frame taken
@@ -235,6 +231,15 @@ class Pipeline:
         be the better choice."""
         while q.full() and not self.stop_event.is_set() and not self.errors:
             time.sleep(0.002)  # short polls: the wait is about one output period
+
+    def _lut(self, meta: ModelMeta, view: ViewSettings) -> np.ndarray:
+        key = (id(meta), view.visible)
+        lut = self._luts.get(key)
+        if lut is None:
+            if len(self._luts) > 16:  # models and class choices changed often: start afresh
+                self._luts.clear()
+            lut = self._luts[key] = palette_bgr(meta, view.visible_list)
+        return lut
 
     # ------------------------------------------------------------------ stages
 
@@ -248,11 +253,12 @@ class Pipeline:
                 frame = self.source.read()
                 t1 = time.perf_counter()
                 if frame is None:
-                    if getattr(self.source, "lost", False):
+                    if self.source.lost:
                         self.stop("source lost")
                     break
                 self.stats.frames_in += 1
-                item = (index, self.source.name or f"{index:06d}", frame, t1, (t1 - t0) * 1e3)
+                item = FrameResult(index, self.source.name or f"{index:06d}", frame, t1,
+                                   {"capture": (t1 - t0) * 1e3})
                 index += 1
                 if not self._put(self.frames_q, item):
                     break
@@ -274,10 +280,11 @@ class Pipeline:
                 if self.stop_event.is_set() and self.stats.stopped_by not in ("", "max-frames"):
                     # Interrupted: frames still queued are not worth another inference.
                     continue
-                index, name, frame, captured_at, capture_ms = item
-                seg = self.segmenter(frame)
-                timings = {"capture": capture_ms, **seg.timings}
-                if not self._put(self.results_q, (index, name, frame, seg.labels, timings, captured_at)):
+                segmenter = self.segmenter  # read once: a model swapped meanwhile applies to the next frame
+                seg = segmenter(item.frame)
+                item.labels, item.meta = seg.labels, segmenter.meta
+                item.timings.update(seg.timings)
+                if not self._put(self.results_q, item):
                     break
                 taken += 1
                 if self.max_frames is not None and taken >= self.max_frames:
@@ -286,8 +293,6 @@ class Pipeline:
         except BaseException as exc:  # noqa: BLE001
             self._fail(exc)
         finally:
-            if isinstance(self.frames_q, LatestSlot):
-                self.stats.dropped = self.frames_q.dropped
             self.inferred.set()
             self._put(self.results_q, _END)
 
@@ -295,28 +300,32 @@ class Pipeline:
         stats = self.stats
         try:
             while True:
-                item = self._get(self.results_q, self.inferred)
-                if item is _END or self.errors:
+                result = self._get(self.results_q, self.inferred)
+                if result is _END or self.errors:
                     break
-                index, name, frame, labels, timings, captured_at = item
+                timings = result.timings
+                view = self.view  # read once per frame: a view changed meanwhile applies to the next
                 t0 = time.perf_counter()
-                rendered = render(frame, labels, self.meta, self.view, self.alpha, self.visible, self.legend, self.lut)
+                if view is not None:
+                    result.rendered = view.render(result.frame, result.labels, result.meta,
+                                                  self._lut(result.meta, view))
                 t1 = time.perf_counter()
+                drawn = timings["render"] = (t1 - t0) * 1e3
                 for sink in self.sinks:
-                    sink.write(frame, labels, rendered, name=name)
+                    sink.write_result(result)
                 t2 = time.perf_counter()
-                timings["render"] = (t1 - t0) * 1e3
-                timings["write"] = (t2 - t1) * 1e3
+                # Sinks that draw for themselves added their drawing time to "render".
+                timings["write"] = (t2 - t1) * 1e3 - (timings["render"] - drawn)
+                timings["latency"] = (t2 - result.captured_at) * 1e3
                 stats.frames_out += 1
                 if stats.frames_out > self.warmup:
                     for key, ms in timings.items():
                         stats.add(key, ms)
-                    stats.add("latency", (t2 - captured_at) * 1e3)
                     stats.finished = t2
                 elif stats.frames_out == self.warmup:
                     stats.started = t2  # the FPS clock starts when warm-up ends
                 if self.on_result is not None:
-                    self.on_result(FrameResult(index, name, frame, labels, rendered, timings, captured_at))
+                    self.on_result(result)
                 if any(s.quit_requested for s in self.sinks):
                     self.stop("window")
         except BaseException as exc:  # noqa: BLE001
@@ -378,8 +387,9 @@ class Pipeline:
                 signal.signal(sig, handler)
             # Errors discard unfinished outputs; a stop (even a second Ctrl-C) finalises them.
             self._close_sinks(not self.errors)
-            self.stats.corrupt_skipped = self.source.corrupt_frames
-            self.stats.reopens = self.source.reopens
+            counts = self.counters()
+            self.stats.dropped, self.stats.corrupt_skipped, self.stats.reopens = (
+                counts["dropped"], counts["corrupt_skipped"], counts["reopens"])
             if not self.stats.finished:
                 self.stats.finished = time.perf_counter() if self.stats.measured_frames else self.stats.started
         if self.errors:

@@ -1,40 +1,53 @@
-"""Frame in, label map out: preprocess -> backend -> postprocess with per-stage timings.
+"""Frame in, label map out: preprocess -> backend -> postprocess with per-stage timings, and the
+picture of a result.
 
-The single place the three stages are chained, used by the pipeline, the benchmark,
-the evaluator and the demo alike.
+The single place the three stages are chained, used by the pipeline, the benchmark, the
+evaluator and the demo alike, and the library's face::
+
+    seg = open_segmenter("model.onnx")
+    result = seg.process(frame)
+    overlay = seg.render(result, ViewSettings(alpha=0.6))
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
-from .backends.base import Backend
+from .backends.base import Backend, BackendError
 from .postprocess import postprocess
 from .preprocess import preprocess
+from .view import ViewSettings
 
 
 @dataclass
 class Segmentation:
     labels: np.ndarray  # HxW uint8 class ids at the frame's size
     timings: dict[str, float] = field(default_factory=dict)  # milliseconds per stage
+    frame: np.ndarray | None = None  # the frame it was made from (not a copy)
 
 
 class Segmenter:
+    """A loaded backend and the processing around it. ``process(frame)`` (or calling it)
+    segments one BGR uint8 frame; ``render(result, view)`` draws a result; ``close()`` (or
+    ``with``) releases the backend."""
+
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
         self.meta = backend.meta
+        self._last: Segmentation | None = None  # what the backend's GPU buffers hold now
 
-    def __call__(self, frame: np.ndarray) -> Segmentation:
+    def process(self, frame: np.ndarray) -> Segmentation:
+        caps = self.backend.capabilities
         t0 = time.perf_counter()
-        infer_frame = getattr(self.backend, "infer_frame", None)
-        if infer_frame is not None:
-            # TensorRT with pycuda: the uint8 frame crosses the bus once and a CUDA kernel
-            # resizes and normalises it straight into the engine's input buffer.
+        if caps.frame_input:
+            # The uint8 frame crosses the bus once and a CUDA kernel resizes and normalises it
+            # straight into the engine's input buffer.
             t1 = t0
-            output = infer_frame(frame)
+            output = self.backend.infer_frame(frame)
         else:
             tensor = preprocess(frame, self.meta)
             t1 = time.perf_counter()
@@ -43,6 +56,55 @@ class Segmenter:
         labels = postprocess(output, self.meta, frame.shape)
         t3 = time.perf_counter()
         timings = {"preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3, "postprocess": (t3 - t2) * 1e3}
-        # A backend that splits its own time (TensorRT: upload/infer/download) reports it too.
-        timings.update(getattr(self.backend, "last_timings", None) or {})
-        return Segmentation(labels, timings)
+        if caps.stage_timings:
+            # A backend that splits its own time (TensorRT: upload/infer/download) reports it too.
+            timings.update(self.backend.last_timings)
+        result = Segmentation(labels, timings, frame)
+        self._last = result if caps.frame_input else None
+        return result
+
+    __call__ = process
+
+    def render(self, result: Segmentation, view: ViewSettings = ViewSettings()) -> np.ndarray:
+        """The BGR picture of ``result`` as ``view`` asks. On a backend with a GPU renderer,
+        the result it processed last is coloured and blended on the GPU, where its labels and
+        frame already are (overlay and mask; side-by-side and the legend are added on the
+        CPU); anything else is drawn on the CPU, to the same picture."""
+        if result.frame is None:
+            raise ValueError("this Segmentation carries no frame; render it with ViewSettings.render(frame, ...)")
+        if result is self._last and self.backend.capabilities.gpu_render:
+            try:
+                picture, _ = self.backend.render_last(view.alpha, view.visible_list,
+                                                      "mask" if view.view == "mask" else "overlay")
+            except BackendError:  # no GPU kernels here (no nvcc) or a logits model: draw on the CPU
+                pass
+            else:
+                if view.view == "side-by-side":
+                    picture = np.concatenate([result.frame, picture], axis=1)
+                if view.legend:
+                    from .postprocess import class_areas, draw_legend
+
+                    picture = draw_legend(picture, self.meta, class_areas(result.labels, self.meta.num_classes),
+                                          view.visible_list)
+                return picture
+        return view.render(result.frame, result.labels, self.meta)
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Segmenter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_segmenter(model: str | Path | None = None, backend: str = "auto", **options) -> Segmenter:
+    """Load ``model`` (.onnx, .engine, .safetensors; default: the shipped CamVid model) on
+    ``backend`` ("auto" picks by the file's suffix) with the backend's ``options``
+    (e.g. ``threads=2`` for ONNX Runtime). Raises a DilsegError subclass saying what to do
+    when it cannot."""
+    from .backends import open_backend
+    from .defaults import default_model_path
+
+    return Segmenter(open_backend(Path(model) if model is not None else default_model_path(), backend, **options))

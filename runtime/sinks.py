@@ -1,9 +1,11 @@
 """Frame sinks: window, video file, folder of overlays, folder of label PNGs, none.
 
 Every sink takes ``write(frame, labels, rendered, name=None)`` (the source frame, the HxW
-uint8 class ids at frame size, the rendered picture) and ``close()``. Files are complete or
-absent: a video is written under a temporary name and renamed on ``close()``; every image is
-written to a temporary file and renamed. ``abort()`` discards an unfinished video.
+uint8 class ids at frame size, the rendered picture) and ``close()``; the pipeline calls
+``write_result(result)``, which a sink needing more of the FrameResult (its metadata, its
+frame number) overrides. Files are complete or absent: a video is written under a temporary
+name and renamed on ``close()``; every image is written to a temporary file and renamed.
+``abort()`` discards an unfinished video.
 """
 
 from __future__ import annotations
@@ -11,19 +13,25 @@ from __future__ import annotations
 import abc
 import os
 import tempfile
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 import cv2
 import numpy as np
 
+from .errors import DilsegError
 from .files import UMASK, atomic_write_bytes
+
+if TYPE_CHECKING:
+    from .pipeline import FrameResult
 
 VIDEO_FOURCC = {".mp4": "mp4v", ".m4v": "mp4v", ".mov": "mp4v", ".avi": "MJPG", ".mkv": "mp4v"}
 SINK_HELP = ("sinks are: window, none, a video file (.mp4 .m4v .mov .avi .mkv), overlays:DIR (rendered images) "
              "or labels:DIR (class-id PNGs)")
 
 
-class SinkError(RuntimeError):
+class SinkError(DilsegError, RuntimeError):
     """A sink cannot be opened or written; the message says what to do."""
 
 
@@ -35,6 +43,11 @@ class Sink:
 
     def write(self, frame: np.ndarray, labels: np.ndarray, rendered: np.ndarray, name: str | None = None) -> None:
         pass
+
+    def write_result(self, result: "FrameResult") -> None:
+        """What the pipeline calls per frame. A sink that draws pictures itself adds its drawing
+        time to ``result.timings["render"]``; the pipeline counts the rest as ``write``."""
+        self.write(result.frame, result.labels, result.rendered, name=result.name)
 
     def close(self) -> None:
         pass
@@ -50,7 +63,55 @@ class Sink:
         self.abort() if exc_type else self.close()
 
 
-NullSink = Sink
+class LatestSink(Sink):
+    """Keeps the newest result for readers in other threads (a web page, a UI loop):
+    ``latest()`` returns it, ``seq`` counts results, and every ``subscribe``d listener is
+    called (from the pipeline's output thread) after each one and once more on ``close()``.
+    Subclasses publish something else by overriding ``prepare``."""
+
+    spec = "latest"
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._latest = None
+        self.seq = 0
+        self.closed = False
+        self._listeners: list[Callable[[], None]] = []
+
+    def prepare(self, result: "FrameResult"):
+        """What readers get for a result (the result itself here)."""
+        return result
+
+    def write_result(self, result: "FrameResult") -> None:
+        item = self.prepare(result)
+        with self._cond:
+            self._latest = item
+            self.seq += 1
+            self._cond.notify_all()
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener()
+
+    def latest(self):
+        with self._cond:
+            return self._latest
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        with self._cond:
+            self._listeners.append(listener)
+
+    def unsubscribe(self, listener: Callable[[], None]) -> None:
+        with self._cond:
+            if listener in self._listeners:
+                self._listeners.remove(listener)
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener()
 
 
 def _writable_dir(folder: Path, what: str) -> Path:

@@ -16,6 +16,7 @@ import glob
 import logging
 import math
 import os
+import queue
 import re
 import threading
 import time
@@ -25,6 +26,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import cv2
 import numpy as np
+
+from .errors import DilsegError
 
 log = logging.getLogger("dilseg.sources")
 
@@ -40,8 +43,89 @@ SPEC_HELP = (
 MAX_CORRUPT_RUN = 25
 
 
-class SourceError(RuntimeError):
+# A file played as a camera (``open_source(..., loop=True)``) without a frame rate of its own
+# (a still image, a folder) is shown at this rate.
+LOOP_FPS = 10.0
+
+
+class SourceError(DilsegError, RuntimeError):
     """A source cannot be opened or read; the message says what to do."""
+
+
+class LatestSlot:
+    """The one newest-item mailbox: ``put`` replaces what is waiting (counting a drop), ``get``
+    takes it. ``end()`` says no more will come (what is waiting is still taken, then ``get``
+    returns None); ``close()`` stops at once (what is waiting is discarded, ``get`` returns None).
+
+    Live frames reach inference through one (the pipeline), a single-threaded reader through
+    one (NewestFrame), pushed frames through one (PushSource).
+    """
+
+    def __init__(self) -> None:
+        self._item = None
+        self._full = False
+        self._ended = False
+        self.closed = False
+        self._cond = threading.Condition()
+        self.dropped = 0
+
+    def put(self, item) -> bool:
+        """Hand ``item`` over; False (and nothing kept) once the slot is ended or closed."""
+        with self._cond:
+            if self._ended or self.closed:
+                return False
+            if self._full:
+                self.dropped += 1
+            self._item, self._full = item, True
+            self._cond.notify_all()
+            return True
+
+    def get(self, timeout: float | None = None):
+        """The newest item, or None once ended (and emptied) or closed; raises queue.Empty
+        after ``timeout`` seconds without either."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._full or self._ended or self.closed, timeout):
+                raise queue.Empty
+            if self.closed or not self._full:
+                return None
+            item, self._item, self._full = self._item, None, False
+            return item
+
+    @property
+    def finished(self) -> bool:
+        """Ended or closed: ``put`` takes nothing more."""
+        return self._ended or self.closed
+
+    def end(self) -> None:
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._item, self._full = None, False
+            self._cond.notify_all()
+
+
+class Pacer:
+    """Holds a reader to ``fps`` frames per second, as a camera would: ``wait()`` blocks until
+    the next frame is due (True when ``wake`` interrupted it). A late reader gets no burst of
+    catch-up frames: the next frame is due one period after the later of schedule and now.
+    ``fps`` None or 0 does not wait."""
+
+    def __init__(self, fps: float | None, wake: threading.Event) -> None:
+        self.period = 1.0 / fps if fps else 0.0
+        self.wake = wake
+        self._due = 0.0
+
+    def wait(self) -> bool:
+        if self.period:
+            now = time.monotonic()
+            if self._due > now and self.wake.wait(self._due - now):
+                return True
+            self._due = max((self._due or now) + self.period, time.monotonic())
+        return self.wake.is_set()
 
 
 @contextlib.contextmanager
@@ -82,6 +166,8 @@ class Source(abc.ABC):
     frame_count: int | None = None  # frames in a file source when known (for progress bars)
     corrupt_frames: int = 0
     reopens: int = 0
+    lost: bool = False  # a live source that gave up reconnecting
+    index: int = -1  # the source's own number of the frame last read
     name: str = ""
 
     @abc.abstractmethod
@@ -159,7 +245,7 @@ class FolderSource(Source):
             raise SourceError(f"{folder}: no images in this folder (looked for {', '.join(sorted(IMAGE_EXTS))})")
         self.frame_count = len(self.paths)
         self.pos = 0
-        self.skipped: list[Path] = []
+        self.corrupt_paths: list[Path] = []  # the images skipped (their count is corrupt_frames)
         # Validate before anything starts: at least the first image must decode.
         self._first = self._next_readable()
         if self._first is None:
@@ -174,7 +260,7 @@ class FolderSource(Source):
                 self.name = path.stem
                 return frame
             self.corrupt_frames += 1
-            self.skipped.append(path)
+            self.corrupt_paths.append(path)
             log.warning("skipping %s: cannot decode (corrupt or truncated)", path)
         return None
 
@@ -342,16 +428,13 @@ class SyntheticSource(Source):
         self.pattern = TestPattern(width, height)
         self.index = -1
         self._wake = threading.Event()
-        self._next_due = 0.0
+        self._pacer = Pacer(fps, self._wake)
 
     def read(self) -> np.ndarray | None:
         if self._wake.is_set() or (self.total is not None and self.index + 1 >= self.total):
             return None
-        if self.fps:
-            now = time.monotonic()
-            if self._next_due > now and self._wake.wait(self._next_due - now):
-                return None
-            self._next_due = max((self._next_due or now) + 1.0 / self.fps, now)
+        if self._pacer.wait():
+            return None
         self.index += 1
         self.name = f"{self.index:06d}"
         return self.pattern.render(self.index)
@@ -381,11 +464,11 @@ class LiveSource(Source):
         self.opener = opener
         self.fps = fps
         self.reopen_delay, self.reopen_max_delay, self.reopen_attempts = reopen_delay, reopen_max_delay, reopen_attempts
-        self.pace = pace  # seconds per frame for devices that do not pace themselves (synthetic)
         self.index = -1
         self.lost = False  # gave up reconnecting
         self._wake = threading.Event()
-        self._next_due = 0.0
+        # Devices that do not pace themselves (synthetic) are paced here.
+        self._pacer = Pacer(1.0 / pace if pace else None, self._wake)
         self.cap = self._try_open()
         if self.cap is None:
             raise SourceError(describe_failure)
@@ -440,13 +523,11 @@ class LiveSource(Source):
         return False
 
     def read(self) -> np.ndarray | None:
+        if self._pacer.wait():
+            return None
         if self._first is not None:
             frame, self._first = self._first, None
         else:
-            if self.pace:
-                now = time.monotonic()
-                if self._next_due > now and self._wait(self._next_due - now):
-                    return None
             while True:
                 if self._wake.is_set():
                     return None
@@ -455,10 +536,6 @@ class LiveSource(Source):
                     break
                 if not self.live or not self._reconnect():  # a file over HTTP just ends
                     return None
-        if self.pace:
-            # A late reader does not get a burst of catch-up frames, as with a real camera.
-            now = time.monotonic()
-            self._next_due = max((self._next_due or now) + self.pace, now)
         self.index += 1
         self.name = f"{self.index:06d}"
         return frame
@@ -476,8 +553,9 @@ class NewestFrame(Source):
     """A live source drained by its own thread: ``read()`` returns the newest frame not yet
     returned, so a consumer slower than the camera shows the present, not the backlog that
     OpenCV and the driver queue (several frames on V4L2). Frames passed over are counted in
-    ``skipped``. The threaded pipeline does the same with its capture thread; this is for
-    single-threaded consumers such as the demo's shared camera worker."""
+    ``dropped``. Once ``interrupt()`` or ``close()`` is called, ``read()`` returns None, never
+    a frame still waiting. The pipeline's capture thread does the same; this is for a
+    single-threaded loop (``for frame in NewestFrame(open_source("0")): ...``)."""
 
     live = True
 
@@ -485,60 +563,144 @@ class NewestFrame(Source):
         self.source = source
         self.spec, self.fps = source.spec, source.fps
         self.index = -1
-        self.skipped = 0
-        self._cond = threading.Condition()
-        self._pending: tuple[np.ndarray, str, int] | None = None
-        self._done = False
+        self._slot = LatestSlot()
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._drain, name=f"dilseg-grab-{source.spec}", daemon=True)
         self._thread.start()
 
     def _drain(self) -> None:
         try:
-            while True:
-                frame = self.source.read()
-                with self._cond:
-                    if frame is None or self._done:
-                        break
-                    if self._pending is not None:
-                        self.skipped += 1
-                    self._pending = (frame, self.source.name, getattr(self.source, "index", -1))
-                    self._cond.notify_all()
+            while (frame := self.source.read()) is not None:
+                if not self._slot.put((frame, self.source.name, self.source.index)):
+                    break
         except BaseException as exc:  # noqa: BLE001 - handed to the reader
             self._error = exc
         finally:
-            with self._cond:
-                self._done = True
-                self._cond.notify_all()
+            self._slot.end()
 
     def read(self) -> np.ndarray | None:
-        with self._cond:
-            while self._pending is None and not self._done:
-                self._cond.wait()
-            if self._pending is None:
-                if self._error is not None:
-                    raise self._error
-                return None
-            (frame, self.name, self.index), self._pending = self._pending, None
-            return frame
+        item = self._slot.get()
+        if item is None:
+            if self._error is not None and not self._slot.closed:
+                raise self._error
+            return None
+        frame, self.name, self.index = item
+        return frame
+
+    @property
+    def dropped(self) -> int:
+        return self._slot.dropped
+
+    @property
+    def corrupt_frames(self) -> int:  # type: ignore[override]
+        return self.source.corrupt_frames
 
     @property
     def reopens(self) -> int:  # type: ignore[override]
         return self.source.reopens
 
     @property
-    def lost(self) -> bool:
-        return bool(getattr(self.source, "lost", False))
+    def lost(self) -> bool:  # type: ignore[override]
+        return self.source.lost
 
     def interrupt(self) -> None:
-        with self._cond:
-            self._done = True
-            self._cond.notify_all()
+        self._slot.close()
         self.source.interrupt()
 
     def close(self) -> None:
         self.interrupt()
         self._thread.join(timeout=5.0)
+        self.source.close()
+
+
+class PushSource(Source):
+    """Frames handed over by someone else's thread (a WebRTC callback, a ROS subscriber):
+    ``push(item)`` never blocks and keeps only the newest; ``read()`` returns it, converted by
+    ``convert`` in the reader's thread, or None once ``close()`` is called or nothing was
+    pushed for ``idle_s`` seconds (the producer went away)."""
+
+    live = True
+
+    def __init__(self, spec: str = "push://", convert: Callable[[object], np.ndarray] | None = None,
+                 idle_s: float = 5.0) -> None:
+        self.spec, self.convert, self.idle_s = spec, convert, idle_s
+        self.index = -1
+        self._slot = LatestSlot()
+
+    def push(self, item) -> bool:
+        """Hand a frame over; False once the source has ended (a new one is needed)."""
+        return self._slot.put(item)
+
+    def read(self) -> np.ndarray | None:
+        try:
+            item = self._slot.get(timeout=self.idle_s)
+        except queue.Empty:
+            item = None
+        if item is None:
+            self._slot.end()
+            return None
+        self.index += 1
+        self.name = f"{self.index:06d}"
+        return self.convert(item) if self.convert is not None else item
+
+    @property
+    def ended(self) -> bool:
+        return self._slot.finished
+
+    @property
+    def dropped(self) -> int:
+        return self._slot.dropped
+
+    def interrupt(self) -> None:
+        self._slot.close()
+
+    def close(self) -> None:
+        self._slot.close()
+
+
+class LoopingSource(Source):
+    """A file, image or folder played as a camera: paced at its own frame rate (``LOOP_FPS``
+    when it has none) and started again from the beginning at its end. It is live, so a
+    consumer keeps only the newest frame, as from a camera. ``opener`` reopens the file."""
+
+    live = True
+
+    def __init__(self, first: Source, opener: Callable[[], Source]) -> None:
+        self.source, self.opener = first, opener
+        self.spec = first.spec
+        self.fps = first.fps or LOOP_FPS
+        self.index = -1
+        self.loops = 0
+        self._corrupt_before = 0  # corrupt frames of the passes already played
+        self._wake = threading.Event()
+        self._pacer = Pacer(self.fps, self._wake)
+
+    def read(self) -> np.ndarray | None:
+        if self._pacer.wait():
+            return None
+        frame = self.source.read()
+        if frame is None and not self._wake.is_set():
+            self._corrupt_before += self.source.corrupt_frames
+            self.source.close()
+            self.source = self.opener()
+            self.loops += 1
+            frame = self.source.read()
+        if frame is None:
+            return None
+        self.index += 1
+        self.name = self.source.name
+        return frame
+
+    @property
+    def corrupt_frames(self) -> int:  # type: ignore[override]
+        return self._corrupt_before + self.source.corrupt_frames
+
+    def interrupt(self) -> None:
+        self._wake.set()
+        self.source.interrupt()
+
+    def close(self) -> None:
+        self.interrupt()
         self.source.close()
 
 
@@ -626,8 +788,15 @@ def open_source(spec: str | int, **opts) -> Source:
 
     Options: ``repeat`` (single image), ``fps`` (folder pacing, camera request), ``width``/``height``
     (camera/CSI request), ``reopen_delay``/``reopen_max_delay``/``reopen_attempts`` (live sources),
-    ``live`` (force stream URLs live or not), ``timeout_ms`` (stream open/read timeout).
+    ``live`` (force stream URLs live or not), ``timeout_ms`` (stream open/read timeout),
+    ``loop`` (a file, image or folder is played as a camera: paced, from the start again at
+    its end; see LoopingSource).
     """
+    if opts.pop("loop", False):
+        first = open_source(spec, **opts)
+        if first.live:
+            return first
+        return LoopingSource(first, lambda: open_source(spec, **opts))
     reopen = {k: opts.pop(k) for k in ("reopen_delay", "reopen_max_delay", "reopen_attempts") if k in opts}
     text = str(spec).strip()
     if not text:

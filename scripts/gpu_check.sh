@@ -42,7 +42,7 @@ except Exception as exc:
     print(f"cuda devices: none usable ({exc})")
 try:
     import tensorrt as trt
-    from dilseg.runtime.trt_compat import detect
+    from dilseg.runtime.trt.compat import detect
     caps = detect(trt)
     print("tensorrt capabilities:", {k: v for k, v in caps.__dict__.items() if k not in ("version", "notes")})
 except Exception:

@@ -23,7 +23,8 @@ import numpy as np
 from dilseg.export.weights import load_model, read_weights_info
 from dilseg.runtime.files import atomic_write
 from dilseg.runtime.dataset import SegmentationDataset
-from dilseg.runtime.evaluate import evaluate, open_model
+from dilseg.runtime.backends import open_backend
+from dilseg.runtime.evaluate import evaluate
 
 from profile_model import gflops, median_ms  # scripts/ sibling
 
@@ -84,7 +85,7 @@ def main() -> None:
     params = sum(p.numel() for p in model.parameters())
     flops = gflops(model.eval(), (360, 480))
 
-    backend = open_model(onnx_path)
+    backend = open_backend(onnx_path)
     result = evaluate(backend, SegmentationDataset(args.data, "val"), name=onnx_path.name)
     x = np.random.default_rng(0).standard_normal((1, 3, 360, 480)).astype(np.float32)
     latency = median_ms(lambda: backend.infer(x), args.runs, warmup=10)

@@ -73,15 +73,16 @@ def build_variants(args: argparse.Namespace, out_dir: Path, meta) -> dict[str, P
 
 
 def measure_accuracy(args: argparse.Namespace, models: dict[str, Path]) -> dict[str, dict]:
-    from dilseg.runtime.evaluate import dataset_for, open_model, verify
+    from dilseg.runtime.backends import open_backend
+    from dilseg.runtime.evaluate import dataset_for, verify
 
-    reference = open_model(models["fp32"])
+    reference = open_backend(models["fp32"])
     data = dataset_for(reference.meta, args.data, args.split)
     rows = {}
     for label, path in models.items():
         if label == "fp32":
             continue
-        result = verify(reference, open_model(path), data, args.limit or None, names=("fp32", label))
+        result = verify(reference, open_backend(path), data, args.limit or None, names=("fp32", label))
         rows["fp32"] = {"miou": 100 * result.reference_scores.miou, "agreement": 100.0, "delta": 0.0}
         rows[label] = {"miou": 100 * result.candidate_scores.miou, "agreement": result.agreement,
                        "delta": result.miou_delta}

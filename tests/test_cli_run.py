@@ -188,15 +188,18 @@ def test_bench_reports_stages_fps_ratio_and_memory(tmp_path: Path, small_onnx, c
 
 
 def test_bench_lists_backend_reported_stages(small_onnx) -> None:
-    """A backend with ``last_timings`` (TensorRT: upload/infer/download) gets its split listed."""
-    backend = open_backend(small_onnx, threads=1)
+    """A backend that declares ``stage_timings`` (TensorRT: gpu_upload/gpu_infer/...) gets its split listed."""
+    from dilseg.runtime.backends import Capabilities
+    from dilseg.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
-    class SplitTiming(type(backend)):
-        def infer(self, tensor):
+    class SplitTiming(OnnxRuntimeBackend):
+        capabilities = Capabilities(stage_timings=True)
+
+        def infer_impl(self, tensor):
             t0 = time.perf_counter()
             feed = np.ascontiguousarray(tensor)
             t1 = time.perf_counter()
-            out = super().infer(feed)
+            out = super().infer_impl(feed)
             t2 = time.perf_counter()
             self.last_timings = {"upload": (t1 - t0) * 1e3, "execute": (t2 - t1) * 1e3}
             return out

@@ -11,7 +11,8 @@ import pytest
 
 from dilseg.runtime.cli import main
 from dilseg.runtime.dataset import CAMVID_IGNORE, DatasetError, SegmentationDataset
-from dilseg.runtime.evaluate import dataset_for, evaluate, open_model
+from dilseg.runtime.backends import open_backend
+from dilseg.runtime.evaluate import dataset_for, evaluate
 from precision_helpers import CAMVID, needs_camvid, rgb_argmax_onnx, tiny_onnx, tiny_weights, write_pair
 
 RED, GREEN, BLUE = (0, 0, 255), (0, 255, 0), (255, 0, 0)  # BGR, as files are read
@@ -56,7 +57,7 @@ def test_eval_accumulates_over_images_and_shows_absent_classes_as_blank(tmp_path
     crafted_case(root)
     # A second, all-red frame fully labelled red adds 128 correct red pixels.
     write_pair(root, "z_red", np.full((8, 16, 3), RED, np.uint8), np.zeros((8, 16), np.uint8))
-    backend = open_model(rgb_argmax_onnx(tmp_path / "rgb.onnx"))
+    backend = open_backend(rgb_argmax_onnx(tmp_path / "rgb.onnx"))
     result = evaluate(backend, dataset_for(backend.meta, root, None), progress=False)
     assert result.images == 2
     assert result.scores.iou[0] == pytest.approx(170 / 184)  # (42+128) / (42+128 + 14 wrong)
@@ -104,7 +105,7 @@ def test_eval_on_camvid_val_matches_direct_computation(tmp_path_factory, tmp_pat
     assert main(["eval", "--model", str(model), "--data", str(CAMVID), "--split", "val", "--limit", str(n),
                  "--json", str(out), "--no-progress"]) == 0
     d = json.loads(out.read_text())
-    backend = open_model(model)
+    backend = open_backend(model)
     iou, pixel_acc, pixels = direct_scores(ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]),
                                            SegmentationDataset(CAMVID, "val"), n, backend.meta.input_size,
                                            backend.meta.mean, backend.meta.std)
@@ -124,8 +125,8 @@ def test_eval_of_weights_runs_pytorch_with_the_same_processing(tmp_path_factory)
     onnx_model = tiny_onnx(tmp_path_factory)
     data = SegmentationDataset(CAMVID, "val")
     # At the ONNX's input size, PyTorch and ONNX Runtime score the same up to float noise.
-    torch_result = evaluate(open_model(weights, input_size=(64, 96)), data, limit=3, progress=False)
-    onnx_result = evaluate(open_model(onnx_model), data, limit=3, progress=False)
+    torch_result = evaluate(open_backend(weights, input_size=(64, 96)), data, limit=3, progress=False)
+    onnx_result = evaluate(open_backend(onnx_model), data, limit=3, progress=False)
     assert torch_result.meta.model == "edge_s" and torch_result.meta.weights_sha256
     assert torch_result.scores.miou == pytest.approx(onnx_result.scores.miou, abs=2e-3)
 
@@ -141,9 +142,9 @@ def test_eval_needs_labels_and_names_bad_label_values(tmp_path, capsys) -> None:
     err = capsys.readouterr().err
     assert "street.png: label values [7] are outside 0..2" in err
     with pytest.raises(DatasetError, match="no such folder"):
-        dataset_for(open_model(model).meta, tmp_path / "nowhere", "val")
+        dataset_for(open_backend(model).meta, tmp_path / "nowhere", "val")
     assert main(["eval", "--model", str(tmp_path / "missing.onnx"), "--data", str(tmp_path), "--no-progress"]) == 2
-    assert "missing.onnx: no such model file" in capsys.readouterr().err
+    assert "missing.onnx: no such file" in capsys.readouterr().err
 
 
 def test_eval_help_teaches_with_examples(capsys) -> None:

@@ -8,12 +8,21 @@ import sys
 import textwrap
 from pathlib import Path
 
-RUNTIME_MODULES = [
-    "dilseg.runtime", "dilseg.runtime.cli", "dilseg.runtime.cli_run", "dilseg.runtime.sources",
-    "dilseg.runtime.sinks", "dilseg.runtime.pipeline", "dilseg.runtime.bench", "dilseg.runtime.segmenter",
-    "dilseg.runtime.preprocess", "dilseg.runtime.postprocess", "dilseg.runtime.artifact",
-    "dilseg.runtime.metadata", "dilseg.runtime.backends", "dilseg.runtime.backends.onnxruntime_backend",
-]
+RUNTIME = Path(__file__).resolve().parents[1] / "runtime"
+
+
+def runtime_modules() -> list[str]:
+    """Every module under runtime/ (found on disk, so a new one is checked without being listed)."""
+    names = []
+    for path in sorted(RUNTIME.rglob("*.py")):
+        parts = path.relative_to(RUNTIME).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        names.append(".".join(("dilseg.runtime", *parts)))
+    return names
+
+
+RUNTIME_MODULES = runtime_modules()
 
 # Makes `import torch` fail, as on a box without it.
 BLOCK_TORCH = """
@@ -32,21 +41,46 @@ def python(code: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
                           timeout=120)
 
 
-def test_importing_the_runtime_and_run_help_import_no_torch() -> None:
-    r = python(f"""
-        import importlib, sys
-        for name in {RUNTIME_MODULES!r}:
-            importlib.import_module(name)
-        from dilseg.runtime.cli import main
-        try:
-            main(["run", "--help"])
-        except SystemExit:
-            pass
-        print("TORCH_LOADED", sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")))
-    """)
+def test_importing_every_runtime_module_and_run_help_import_no_torch() -> None:
+    assert {"dilseg.runtime.trt.runner", "dilseg.runtime.trt.build", "dilseg.runtime.trt.kernels",
+            "dilseg.runtime.cli_build", "dilseg.runtime.backends.factory"} <= set(RUNTIME_MODULES)
+    r = python(BLOCK_TORCH + f"""
+import importlib, sys
+for name in {RUNTIME_MODULES!r}:
+    importlib.import_module(name)
+print("EXPORT_SIDE", sorted(m for m in sys.modules if m.startswith(("dilseg.export", "dilseg.demo"))))
+from dilseg.runtime.cli import main
+for command in ("run", "build"):
+    try:
+        main([command, "--help"])
+    except SystemExit:
+        pass
+print("LOADED", sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "tensorrt", "pycuda")))
+""")
     assert r.returncode == 0, r.stderr
-    assert "usage: dilseg run" in r.stdout
-    assert "TORCH_LOADED []" in r.stdout
+    assert "usage: dilseg run" in r.stdout and "usage: dilseg build" in r.stdout
+    assert "EXPORT_SIDE []" in r.stdout and "LOADED []" in r.stdout
+
+
+def test_no_runtime_module_names_the_export_side() -> None:
+    # Data flows export -> runtime -> demo: the runtime finds the export side's parts (the
+    # PyTorch backend, the export/train commands) through entry points, never by name.
+    offenders = [str(p.relative_to(RUNTIME)) for p in RUNTIME.rglob("*.py")
+                 if "dilseg.export" in p.read_text() or "dilseg.demo" in p.read_text()]
+    assert offenders == []
+
+
+def test_weights_without_torch_are_a_clear_error(tmp_path: Path) -> None:
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"\0" * 16)
+    r = python(BLOCK_TORCH + f"""
+from dilseg.runtime.backends import BackendError, open_backend
+try:
+    open_backend({str(weights)!r})
+except BackendError as exc:
+    print("ERROR", exc)
+""")
+    assert "ERROR" in r.stdout and "needs PyTorch" in r.stdout and "dilseg[export]" in r.stdout, r.stdout + r.stderr
 
 
 def test_run_and_bench_work_without_torch(tmp_path: Path, small_onnx) -> None:

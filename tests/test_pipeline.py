@@ -12,10 +12,11 @@ import pytest
 
 from dilseg.runtime.backends import open_backend
 from dilseg.runtime.bench import rss_bytes
-from dilseg.runtime.pipeline import LatestSlot, Pipeline, PipelineStats, StageTimes
+from dilseg.runtime.pipeline import Pipeline, PipelineStats, StageTimes
 from dilseg.runtime.segmenter import Segmenter
 from dilseg.runtime.sinks import LabelFolderSink, OverlayFolderSink, Sink, SinkError, VideoSink
-from dilseg.runtime.sources import open_source, test_frame
+from dilseg.runtime.sources import LatestSlot, open_source, test_frame
+from dilseg.runtime.view import ViewSettings
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +53,7 @@ def test_video_file_end_to_end_masks_equal_direct_inference(tmp_path: Path, segm
     out = tmp_path / "out.mp4"
     src = open_source(str(video))
     sinks = [VideoSink(out, fps=src.fps), LabelFolderSink(tmp_path / "labels"), OverlayFolderSink(tmp_path / "ov")]
-    stats = Pipeline(src, segmenter, sinks, alpha=0.6).run()
+    stats = Pipeline(src, segmenter, sinks, view=ViewSettings(alpha=0.6)).run()
     assert stats.frames_in == stats.frames_out == 20 and stats.dropped == 0 and stats.corrupt_skipped == 0
 
     written = video_frames(out)

@@ -17,7 +17,8 @@ import pytest
 from dilseg.runtime.artifact import read_meta
 from dilseg.runtime.dataset import CAMVID_CLASSES, SegmentationDataset
 from dilseg.runtime.defaults import default_model_path
-from dilseg.runtime.evaluate import evaluate, open_model, verify
+from dilseg.runtime.backends import open_backend
+from dilseg.runtime.evaluate import evaluate, verify
 
 from precision_helpers import CAMVID, needs_camvid
 
@@ -42,7 +43,7 @@ def test_shipped_files_exist_and_are_the_default() -> None:
 @pytest.mark.slow
 def test_shipped_onnx_reaches_the_card_miou_on_camvid_val() -> None:
     card = json.loads(CARD_METRICS.read_text())
-    backend = open_model(ONNX)
+    backend = open_backend(ONNX)
     try:
         result = evaluate(backend, SegmentationDataset(CAMVID, "val"), progress=False)
     finally:
@@ -62,7 +63,7 @@ def test_reexported_shipped_weights_agree_with_shipped_onnx(tmp_path: Path) -> N
          "--size", "360x480", "-o", str(out)],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    shipped, fresh = open_model(ONNX), open_model(out)
+    shipped, fresh = open_backend(ONNX), open_backend(out)
     try:
         result = verify(shipped, fresh, SegmentationDataset(CAMVID, "val"), progress=False)
     finally:

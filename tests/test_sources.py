@@ -121,7 +121,7 @@ def test_folder_natural_order_and_corrupt_image_skipped(tmp_path: Path) -> None:
         assert frame.shape == (64, 96, 3)
     assert seen == ["img1", "img2", "img3", "img4", "img10", "img11"]
     assert src.corrupt_frames == 2
-    assert {p.name for p in src.skipped} == {"img5.jpg", "img6.jpg"}
+    assert {p.name for p in src.corrupt_paths} == {"img5.jpg", "img6.jpg"}
 
 
 def test_single_image(tmp_path: Path) -> None:
@@ -237,23 +237,93 @@ def test_interrupt_wakes_a_waiting_live_source() -> None:
     assert time.monotonic() - t0 < 1.0
 
 
+class SteppedCamera(Source):
+    """A live source the test drives: ``read()`` returns test frame i once the test has let
+    frame i through (``allow(n)``), so which frames exist when the reader looks is known
+    exactly, whatever the machine's load."""
+
+    live = True
+    spec = "stepped://"
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.allowed = 0  # frames the test has let through
+        self.calls = 0  # read() calls so far: call k+1 has begun once frame k was handed on
+        self.stopped = False
+
+    def allow(self, n: int) -> None:
+        with self.cond:
+            self.allowed += n
+            self.cond.notify_all()
+
+    def wait_handed_on(self, n: int) -> None:
+        """Until the draining thread has handed frames 0..n-1 to the slot (it is in read() n+1)."""
+        with self.cond:
+            assert self.cond.wait_for(lambda: self.calls > n, 10), f"the drain thread never asked for frame {n}"
+
+    def read(self):
+        with self.cond:
+            self.calls += 1
+            self.cond.notify_all()
+            self.cond.wait_for(lambda: self.stopped or self.index + 1 < self.allowed)
+            if self.stopped:
+                return None
+            self.index += 1
+        self.name = f"{self.index:06d}"
+        return test_frame(self.index, 64, 48)
+
+    def interrupt(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+
+
 def test_newest_frame_keeps_a_slow_reader_in_the_present() -> None:
-    src = NewestFrame(open_source("test://64x48?fps=50"))
+    camera = SteppedCamera()
+    src = NewestFrame(camera)
     try:
         seen = []
-        for _ in range(6):
-            time.sleep(0.1)  # a consumer five times slower than the 50 FPS camera
+        handed = 0
+        for burst in (1, 5, 3, 7):
+            # The camera delivers a burst while the reader is busy; the reader then gets the
+            # newest frame of the burst, not the next one of a backlog.
+            camera.allow(burst)
+            handed += burst
+            camera.wait_handed_on(handed)
             frame = src.read()
             seen.append(src.index)
-        # Each read skips the frames that arrived meanwhile (~5), instead of returning the next
-        # one in a backlog, and what it returns is the frame it names.
-        assert all(b - a >= 3 for a, b in zip(seen, seen[1:])), seen
-        assert src.skipped >= 15
-        np.testing.assert_array_equal(frame, test_frame(src.index, 64, 48))
+            np.testing.assert_array_equal(frame, test_frame(src.index, 64, 48))  # the frame it names
+        assert seen == [0, 5, 8, 15]
+        assert src.dropped == 0 + 4 + 2 + 6
     finally:
         src.close()
     assert not src._thread.is_alive()
     assert src.read() is None
+
+
+@pytest.mark.parametrize("stop", ["interrupt", "close"])
+def test_newest_frame_returns_nothing_once_interrupted_or_closed(stop: str) -> None:
+    """A frame waiting in the slot when interrupt()/close() is called must not come out."""
+    camera = SteppedCamera()
+    src = NewestFrame(camera)
+    camera.allow(1)
+    assert src.read() is not None and src.index == 0
+    camera.allow(1)
+    camera.wait_handed_on(2)  # frame 1 now waits in the slot
+    getattr(src, stop)()
+    assert src.read() is None and src.read() is None
+    src.close()
+    # The same with a busy real producer (a frame is waiting almost every time), many times.
+    for i in range(40):
+        src = NewestFrame(open_source("test://32x24?fps=1000"))
+        try:
+            assert src.read() is not None
+            time.sleep(0.003)  # the producer puts the next frame in the slot meanwhile
+            getattr(src, stop)()
+            assert src.read() is None, f"iteration {i}: a pending frame came out after {stop}()"
+            assert src.read() is None
+        finally:
+            src.close()
 
 
 def test_newest_frame_ends_with_its_source_and_passes_errors_on() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dilseg.export.trt_build import (DEFAULT_DYNAMIC_PROFILE, BuildError, BuildOptions, PhaseBars, ShapeProfile,
+from dilseg.runtime.trt.build import (DEFAULT_DYNAMIC_PROFILE, BuildError, BuildOptions, PhaseBars, ShapeProfile,
                                      asymmetric_qdq, parse_shape, prepare, resolve_profile)
 
 HAVE_TRT = subprocess.run([sys.executable, "-c", "import tensorrt"], capture_output=True).returncode == 0
@@ -202,8 +202,9 @@ def test_phase_bars_follow_nested_phases():
 # -- TensorRT missing: the real import failure ---------------------------------------------------
 
 def test_import_hygiene():
-    code = ("import sys, dilseg.export.trt_build, dilseg.export.cli_build, dilseg.runtime.engine_cache, "
-            "dilseg.runtime.trt_compat, dilseg.runtime.cuda_preprocess, dilseg.runtime.backends.tensorrt_backend; "
+    code = ("import sys, dilseg.runtime.trt.build, dilseg.runtime.cli_build, dilseg.runtime.trt.cache, "
+            "dilseg.runtime.trt.compat, dilseg.runtime.trt.kernels, dilseg.runtime.trt.runner, "
+            "dilseg.runtime.trt.loaders, dilseg.runtime.trt.cuda, dilseg.runtime.trt.deps; "
             "print(sorted(m for m in ('torch', 'tensorrt', 'pycuda', 'onnx') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -211,7 +212,7 @@ def test_import_hygiene():
 
 @pytest.mark.skipif(HAVE_TRT, reason="TensorRT is installed here; the missing-TensorRT path cannot be exercised")
 def test_build_without_tensorrt_says_how_to_install(trt_onnx, tmp_path):
-    from dilseg.export.trt_build import build_engine
+    from dilseg.runtime.trt.build import build_engine
 
     with pytest.raises(BuildError, match=r"TensorRT is not installed.*pip install 'dilseg\[trt\]'.*JetPack"):
         build_engine(trt_onnx["fixed"], tmp_path / "m.engine", BuildOptions(progress=False))
@@ -240,7 +241,7 @@ def test_cli_help_teaches():
     ("engine_in", "already a TensorRT engine"),
     ("bad_shape", "--opt 1x3x64: expected 4 dimensions"),
     ("fixed_shape", "fixed input 1x3x64x96"),
-    ("bad_output", "the output must end in .engine"),
+    ("bad_output", "the output must end in .engine or .plan"),
     ("no_folder", "folder nowhere does not exist"),
 ])
 def test_cli_errors(case, message, trt_onnx, tmp_path):
@@ -253,7 +254,7 @@ def test_cli_errors(case, message, trt_onnx, tmp_path):
         "bad_shape": [trt_onnx["dynamic"], "-o", "m.engine", "--opt", "1x3x64"],
         "fixed_shape": [trt_onnx["fixed"], "-o", "m.engine", "--min", "1x3x32x32", "--opt", "1x3x64x64",
                         "--max", "1x3x128x128"],
-        "bad_output": [trt_onnx["fixed"], "-o", "m.plan"],
+        "bad_output": [trt_onnx["fixed"], "-o", "m.trt"],
         "no_folder": [trt_onnx["fixed"], "-o", "nowhere/m.engine"],
     }[case]
     r = dilseg("build", *args, cwd=tmp_path)

@@ -6,7 +6,7 @@ import pytest
 
 from dilseg.runtime.artifact import read_meta, sidecar_path
 from dilseg.runtime.dataset import CAMVID_CLASSES, CAMVID_IGNORE, CAMVID_PALETTE
-from dilseg.runtime.engine_cache import (CacheKey, EngineError, RunningFacts, cached_engine_path, check_engine, decide,
+from dilseg.runtime.trt.cache import (CacheKey, EngineError, RunningFacts, cached_engine_path, check_engine, decide,
                                          load_sidecar, make_sidecar, verify_engine_file, write_engine)
 from dilseg.runtime.files import atomic_write_bytes, sha256_file
 from dilseg.runtime.metadata import ModelMeta

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dilseg.runtime.trt_compat import (BuildPlan, TrtCompatError, TrtVersion, check_supported, describe,
+from dilseg.runtime.trt.compat import (BuildPlan, TrtCompatError, TrtVersion, check_supported, describe,
                                        engine_runs_here, parse_compute_capability, parse_version, plan_build)
 
 

@@ -38,24 +38,22 @@ def test_missing_tensorrt_is_a_clear_backend_error(trt_onnx):
 
 @pytest.mark.skipif(HAVE_PYCUDA, reason="pycuda is installed here")
 def test_missing_pycuda_is_a_clear_backend_error():
-    from dilseg.runtime.backends.tensorrt_backend import import_pycuda
+    from dilseg.runtime.trt.deps import import_pycuda
 
-    with pytest.raises(BackendError, match=r"needs pycuda, which is missing.*dilseg\[trt\]"):
-        import_pycuda()
-    from dilseg.runtime.cuda_preprocess import import_pycuda as kernels_pycuda
+    with pytest.raises(BackendError, match=r"needs pycuda, which is missing.*nvcc.*dilseg\[trt\]"):
+        import_pycuda(BackendError)
+    from dilseg.runtime.trt.kernels import import_pycuda as kernels_pycuda
 
-    with pytest.raises(ImportError, match="nvcc"):
+    with pytest.raises(BackendError, match="kernels needs pycuda.*nvcc"):
         kernels_pycuda()
 
 
 def test_backend_rejects_other_files(tmp_path):
     (tmp_path / "m.pt").write_bytes(b"x")
-    from dilseg.runtime.backends.tensorrt_backend import TensorRTBackend
-
-    with pytest.raises(BackendError, match="runs a .engine .* or builds one from an .onnx"):
-        TensorRTBackend(tmp_path / "m.pt")
+    with pytest.raises(BackendError, match=r"TensorRT backend runs a .engine/.plan .* or an .onnx .*not a .pt file"):
+        open_backend(tmp_path / "m.pt", backend="tensorrt")
     with pytest.raises(BackendError, match="no such model file"):
-        TensorRTBackend(tmp_path / "none.engine")
+        open_backend(tmp_path / "none.engine", backend="tensorrt")
 
 
 # -- with TensorRT and a GPU ---------------------------------------------------------------------------
@@ -75,7 +73,7 @@ def gpu():
 
 @pytest.fixture(scope="module")
 def engine(gpu, trt_onnx, tmp_path_factory):
-    from dilseg.export.trt_build import BuildOptions, build_engine
+    from dilseg.runtime.trt.build import BuildOptions, build_engine
 
     path = tmp_path_factory.mktemp("engine") / "edge_s.engine"
     result = build_engine(trt_onnx["fixed"], path, BuildOptions(progress=False))
@@ -96,7 +94,7 @@ def test_build_writes_engine_and_sidecar(engine, trt_onnx):
 
     from dilseg.runtime.artifact import read_meta, read_onnx_meta
     from dilseg.runtime.files import sha256_file
-    from dilseg.runtime.trt_compat import parse_version
+    from dilseg.runtime.trt.compat import parse_version
 
     path, result = engine
     side = result.sidecar
@@ -124,7 +122,7 @@ def test_engine_matches_onnxruntime(engine, trt_onnx):
             assert got.shape == ref.shape == (1, 64, 96) and got.dtype == np.int32
             agree += int((got == ref).sum())
             total += got.size
-            assert set(be.last_timings) == {"upload", "infer", "download"}
+            assert set(be.last_timings) == {"gpu_upload", "gpu_infer", "gpu_download"}
         # fp32 engine; TF32 (TensorRT's default on Ampere+) may flip near-tie pixels only.
         assert agree / total >= 0.995, f"agreement {agree / total:.4%}"
 
@@ -139,7 +137,7 @@ def test_gpu_preprocess_and_render_match_cpu_path(engine):
     with open_backend(path, backend="tensorrt") as be:
         for f in frames(3, 360, 480, seed=3):
             gpu_out = be.infer_frame(f)
-            assert {"upload", "preprocess", "infer", "download"} <= set(be.last_timings)
+            assert {"gpu_upload", "gpu_preprocess", "gpu_infer", "gpu_download"} <= set(be.last_timings)
             cpu_in = preprocess(f, be.meta)
             cpu_out = be.infer(cpu_in)
             # Same input up to OpenCV's rounding -> same labels on all but a handful of pixels.
@@ -155,7 +153,7 @@ def test_gpu_preprocess_and_render_match_cpu_path(engine):
 @pytest.mark.tensorrt
 def test_kernels_that_cannot_compile_fall_back_to_cpu_preprocessing(engine, monkeypatch):
     # No nvcc on PATH is the usual cause on a Jetson: pycuda's compiler then fails to start.
-    import dilseg.runtime.cuda_preprocess as cp
+    import dilseg.runtime.trt.kernels as cp
     from dilseg.runtime.preprocess import preprocess
 
     def no_nvcc():
@@ -215,7 +213,7 @@ def test_damaged_or_foreign_engines_refused(engine, tmp_path):
     import json
 
     from dilseg.runtime.artifact import sidecar_path
-    from dilseg.runtime.engine_cache import EngineError
+    from dilseg.runtime.trt.cache import EngineError
 
     path, _ = engine
     cut = tmp_path / "cut.engine"
@@ -257,7 +255,7 @@ def test_onnx_builds_once_then_reuses_then_rebuilds(gpu, trt_onnx, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.tensorrt
 def test_dynamic_engine_profile(gpu, trt_onnx, tmp_path):
-    from dilseg.export.trt_build import BuildOptions, build_engine
+    from dilseg.runtime.trt.build import BuildOptions, build_engine
 
     path = tmp_path / "dyn.engine"
     build_engine(trt_onnx["dynamic"], path, BuildOptions(min_shape="1x3x64x64", opt_shape="1x3x64x96",
@@ -276,9 +274,9 @@ def test_dynamic_engine_profile(gpu, trt_onnx, tmp_path):
 def test_fp16_flag_by_version(gpu, trt_onnx, tmp_path):
     import tensorrt as trt
 
-    from dilseg.export.trt_build import BuildError, BuildOptions, build_engine
+    from dilseg.runtime.trt.build import BuildError, BuildOptions, build_engine
     from dilseg.runtime.preprocess import preprocess
-    from dilseg.runtime.trt_compat import describe
+    from dilseg.runtime.trt.compat import describe
 
     opts = BuildOptions(fp16=True, progress=False)
     if not describe(trt.__version__).weak_typing:

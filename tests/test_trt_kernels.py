@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from dilseg.runtime import cuda_preprocess as cp
+from dilseg.runtime.trt import kernels as cp
 from dilseg.runtime.dataset import CAMVID_CLASSES, CAMVID_IGNORE, CAMVID_PALETTE
 from dilseg.runtime.metadata import ModelMeta
 from dilseg.runtime.postprocess import render, resize_labels

@@ -14,7 +14,8 @@ import pytest
 
 from dilseg.runtime.cli import main
 from dilseg.runtime.dataset import CAMVID_IGNORE, SegmentationDataset
-from dilseg.runtime.evaluate import VerifyError, check_comparable, open_model
+from dilseg.runtime.backends import open_backend
+from dilseg.runtime.evaluate import VerifyError, check_comparable
 from precision_helpers import CAMVID, needs_camvid, rgb_argmax_onnx, tiny_onnx, tiny_weights, with_meta
 
 pytestmark = needs_camvid
@@ -133,9 +134,9 @@ def test_verify_refuses_models_with_different_classes(tmp_path_factory, tmp_path
     renamed = with_meta(tiny_onnx(tmp_path_factory), tmp_path / "renamed.onnx",
                         classes=["Sky", "Building", "Pole", "Street", "Sidewalk", "Tree", "SignSymbol", "Fence",
                                  "Car", "Pedestrian", "Bicyclist"])
-    ref = open_model(tiny_onnx(tmp_path_factory))
+    ref = open_backend(tiny_onnx(tmp_path_factory))
     with pytest.raises(VerifyError, match="class lists differ at id 3: .* 'Road', .* 'Street'"):
-        check_comparable(ref.meta, open_model(renamed).meta, "ref", "cand")
+        check_comparable(ref.meta, open_backend(renamed).meta, "ref", "cand")
 
 
 def test_verify_refuses_an_image_folder_without_images(tmp_path_factory, tmp_path) -> None:

@@ -1,60 +1,143 @@
-"""The backend protocol every runtime backend follows, and the one place that picks one."""
+"""What every backend is, shaped like Polygraphy's runners: ``load()`` once, ``infer()`` per frame,
+``close()`` at the end (or ``with backend:``). The base writes those three, the loaded check
+and the context manager once; a backend implements ``load_impl`` / ``infer_impl`` /
+``close_impl`` and declares what more it can do in ``capabilities``.
+
+Picking a backend for an artifact is not done here but in ``factory.py``.
+"""
 
 from __future__ import annotations
 
+import abc
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import ClassVar
 
 import numpy as np
 
+from ..errors import DilsegError
 from ..metadata import ModelMeta
 
 
-class BackendError(RuntimeError):
+class BackendError(DilsegError, RuntimeError):
     """A backend cannot load or run an artifact; the message says what to do."""
 
 
-@runtime_checkable
-class Backend(Protocol):
-    """load() once, infer() per frame, close() at the end (or use as a context manager).
+@dataclass(frozen=True)
+class Capabilities:
+    """What a backend offers beyond ``infer(tensor)``; callers test these, never attributes."""
 
-    ``infer`` takes the preprocessed NCHW float32 tensor and returns what the model
-    returns: int32 labels (N, H, W) or float logits (N, C, H, W); ``meta.output_kind``
-    says which.
+    frame_input: bool = False  # infer_frame(bgr): uploads the frame once and preprocesses it on the GPU
+    gpu_render: bool = False  # render_last(...): colours and blends the last infer_frame() labels on the GPU
+    stage_timings: bool = False  # last_timings: the backend's own split of its last call (extra keys, ms)
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """A backend's options; each backend declares its own frozen dataclass of them.
+
+    ``check(path)`` refuses options that cannot apply to this artifact (e.g. build options for an
+    engine that is already built). Unknown options are refused by the factory, the same way for
+    every backend.
     """
 
-    name: str
-    meta: ModelMeta
+    def check(self, path: Path) -> None:
+        """Raise BackendError when an option cannot apply to ``path``."""
 
-    def load(self) -> "Backend": ...
-
-    def infer(self, tensor: np.ndarray) -> np.ndarray: ...
-
-    def close(self) -> None: ...
-
-
-BACKENDS = ("auto", "onnxruntime", "tensorrt")
+    def given(self) -> dict:
+        """The options that differ from their defaults (what was asked for)."""
+        default = type(self)()
+        return {k: v for k, v in vars(self).items() if getattr(default, k) != v}
 
 
-def open_backend(model: str | Path, backend: str = "auto", **options) -> Backend:
-    """Create and load the backend for an artifact.
+class Backend(abc.ABC):
+    """Runs one artifact. ``meta`` is the artifact's metadata, known once loaded.
 
-    ``auto``: a ``.engine`` goes to TensorRT; an ``.onnx`` goes to ONNX Runtime, whose
-    provider list itself prefers TensorRT and CUDA execution providers when present.
+    ``infer`` takes the preprocessed NCHW float32 tensor and returns what the model returns:
+    int32/uint8 labels (N, H, W) or float logits (N, C, H, W); ``meta.output_kind`` says which.
     """
-    path = Path(model)
-    if backend not in BACKENDS:
-        raise BackendError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
-    if not path.exists():
-        raise BackendError(f"{path}: no such model file; pass an .onnx or .engine path (see `dilseg info`)")
-    if backend == "auto":
-        backend = "tensorrt" if path.suffix == ".engine" else "onnxruntime"
-    if backend == "tensorrt":
-        from .tensorrt_backend import TensorRTBackend
 
-        return TensorRTBackend(path, **options).load()
-    if path.suffix == ".engine":
-        raise BackendError(f"{path}: a TensorRT engine runs only with --backend tensorrt (or auto)")
-    from .onnxruntime_backend import OnnxRuntimeBackend
+    name: ClassVar[str]  # as in --backend NAME
+    label: ClassVar[str]  # for people: "ONNX Runtime"
+    suffixes: ClassVar[tuple[str, ...]]  # artifact suffixes it runs
+    artifacts: ClassVar[str]  # the artifacts it runs, in words, for error messages
+    selection_hint: ClassVar[str]  # how a user picks this backend, for error messages
+    Options: ClassVar[type[BackendOptions]] = BackendOptions
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
-    return OnnxRuntimeBackend(path, **options).load()
+    def __init__(self, path: str | Path, options: BackendOptions | None = None) -> None:
+        self.path = Path(path)
+        self.options = options if options is not None else self.Options()
+        if not isinstance(self.options, self.Options):
+            raise BackendError(f"the {self.label} backend takes {self.Options.__name__}, not "
+                               f"{type(self.options).__name__}")
+        self.meta: ModelMeta | None = None
+        self.last_timings: dict[str, float] = {}
+        self._loaded = False
+
+    @classmethod
+    def open(cls, path: Path, options: BackendOptions) -> "Backend":
+        """A (not yet loaded) backend for ``path``; the factory calls this after checking ``options``."""
+        return cls(path, options)
+
+    # -- the lifecycle, written once ---------------------------------------------------------
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._loaded
+
+    def load(self) -> "Backend":
+        """Load once (later calls return at once); on failure everything taken so far is released."""
+        if not self._loaded:
+            try:
+                self.load_impl()
+            except BaseException:
+                self.close_impl()
+                raise
+            self._loaded = True
+        return self
+
+    def infer(self, tensor: np.ndarray) -> np.ndarray:
+        self.require_loaded()
+        return self.infer_impl(tensor)
+
+    def close(self) -> None:
+        """Release everything; safe to call twice."""
+        if self._loaded:
+            self._loaded = False
+            self.close_impl()
+
+    def require_loaded(self) -> None:
+        if not self._loaded:
+            raise BackendError(f"the {self.label} backend is not loaded (or already closed); call load() first")
+
+    def __enter__(self) -> "Backend":
+        return self.load()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- optional, as declared in ``capabilities`` -------------------------------------------
+
+    def infer_frame(self, frame_bgr: np.ndarray) -> np.ndarray:
+        """BGR uint8 frame -> model output, preprocessed by the backend (``capabilities.frame_input``)."""
+        raise BackendError(f"the {self.label} backend takes preprocessed tensors only (capabilities.frame_input)")
+
+    def render_last(self, alpha: float = 0.5, visible: list[int] | None = None,
+                    view: str = "overlay") -> tuple[np.ndarray, np.ndarray]:
+        """(BGR picture, uint8 labels) at frame size for the last infer_frame() (``capabilities.gpu_render``)."""
+        raise BackendError(f"the {self.label} backend has no GPU renderer (capabilities.gpu_render)")
+
+    # -- what a backend writes ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def load_impl(self) -> None:
+        """Open the artifact and set ``self.meta``."""
+
+    @abc.abstractmethod
+    def infer_impl(self, tensor: np.ndarray) -> np.ndarray:
+        """One inference on a preprocessed NCHW tensor."""
+
+    @abc.abstractmethod
+    def close_impl(self) -> None:
+        """Free what load_impl took; also called after a failed load_impl, so it must cope with a partial one."""

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
-from ..artifact import read_onnx_meta
-from ..metadata import ModelMeta
-from .base import BackendError
+from ..artifact import ONNX_SUFFIX, session_meta
+from .base import Backend, BackendError, BackendOptions
 
 PROVIDER_ALIASES = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -20,7 +20,7 @@ PROVIDER_ALIASES = {
 PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 
-def choose_providers(requested: list[str] | None = None) -> list[str]:
+def choose_providers(requested: tuple[str, ...] | list[str] | None = None) -> list[str]:
     """Providers to ask for: ``requested`` (aliases allowed) or the best available ones.
 
     An unavailable requested provider is an error, not a silent fall-back to the CPU.
@@ -43,56 +43,69 @@ def choose_providers(requested: list[str] | None = None) -> list[str]:
 
 
 def default_threads() -> int:
-    """Intra-op threads: every core on small boxes (2-core VM, 6-core Jetson), at most 8
-    elsewhere, where more threads only add synchronisation cost for a model this small."""
+    """Intra-op threads: every core on small boxes (a Jetson has 6 to 12), at most 8 elsewhere,
+    where more threads only add synchronisation cost for models this small."""
     return max(1, min(os.cpu_count() or 1, 8))
 
 
-class OnnxRuntimeBackend:
+@dataclass(frozen=True)
+class OnnxRuntimeOptions(BackendOptions):
+    threads: int | None = None  # intra-op threads (None: default_threads())
+    providers: tuple[str, ...] | None = None  # provider names or aliases (cpu, cuda, tensorrt); None: the best present
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise BackendError(f"--threads {self.threads}: must be a whole number >= 1")
+        if self.providers is not None:
+            object.__setattr__(self, "providers", tuple(self.providers))
+
+
+class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
+    label = "ONNX Runtime"
+    suffixes = (ONNX_SUFFIX,)
+    artifacts = ".onnx models"
+    selection_hint = "add --backend onnxruntime and pass an .onnx"
+    Options = OnnxRuntimeOptions
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None, threads: int | None = None) -> None:
-        self.path = Path(path)
-        self.requested_providers = providers
-        self.threads = threads or default_threads()
+    def __init__(self, path: str | Path, options: OnnxRuntimeOptions | None = None, **kwargs) -> None:
+        # OnnxRuntimeBackend(path, threads=2) reads as well as the factory's typed options.
+        super().__init__(path, options if options is not None or not kwargs else OnnxRuntimeOptions(**kwargs))
         self.session: ort.InferenceSession | None = None
-        self.meta: ModelMeta = read_onnx_meta(self.path)
 
-    def load(self) -> "OnnxRuntimeBackend":
+    @property
+    def threads(self) -> int:
+        return self.options.threads or default_threads()
+
+    def load_impl(self) -> None:
         so = ort.SessionOptions()
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Pipeline threads already overlap the stages; spinning workers would only steal
-        # cycles from capture and postprocessing on a 2-core box.
+        # The pipeline's threads already overlap the stages; spinning workers would only steal
+        # cycles from capture and postprocessing where cores are few.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = choose_providers(self.options.providers)
+        if not self.path.is_file():
+            raise BackendError(f"{self.path}: no such model file")
         try:
-            self.session = ort.InferenceSession(str(self.path), so, providers=choose_providers(self.requested_providers))
-        except BackendError:
-            raise
+            self.session = ort.InferenceSession(str(self.path), so, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-            raise BackendError(f"{self.path}: ONNX Runtime cannot load this model: {exc}") from None
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise BackendError(f"{self.path}: ONNX Runtime cannot load this model: {first}") from None
+        self.meta = session_meta(self.path, self.session)  # one session: metadata and inference
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
             raise BackendError(f"{self.path}: expected one NCHW image input, found {[(i.name, i.shape) for i in inputs]}")
         self.input_name = inputs[0].name
         self.input_dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
-        return self
 
     @property
     def providers(self) -> list[str]:
         return self.session.get_providers() if self.session else []
 
-    def infer(self, tensor: np.ndarray) -> np.ndarray:
-        if self.session is None:
-            raise BackendError("backend is not loaded; call load() first")
+    def infer_impl(self, tensor: np.ndarray) -> np.ndarray:
         return self.session.run(None, {self.input_name: tensor.astype(self.input_dtype, copy=False)})[0]
 
-    def close(self) -> None:
+    def close_impl(self) -> None:
         self.session = None
-
-    def __enter__(self) -> "OnnxRuntimeBackend":
-        return self if self.session else self.load()
-
-    def __exit__(self, *exc) -> None:
-        self.close()

@@ -3,13 +3,15 @@
 Everything that can be checked without TensorRT (the file, its metadata, its precision
 flavour, the shape profile, the options) is checked first, so a bad request fails fast
 with a clear message on any machine. Only then is ``tensorrt`` imported (never at module
-import) and every version-dependent call taken from ``dilseg.runtime.trt_compat``.
+import) and every version-dependent call taken from ``compat``.
 
-Torch-free: the runtime calls this to build-and-cache engines for an .onnx model.
+Builds happen on the device that will run the engine: `dilseg build`, or the engine cache
+(``loaders.EngineFromOnnx``) when an .onnx is run on TensorRT.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 import time
@@ -17,23 +19,23 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
-from dilseg.runtime.artifact import read_onnx_meta
-from dilseg.runtime.engine_cache import CacheKey, make_sidecar, write_engine
-from dilseg.runtime.files import atomic_write_bytes, sha256_file
-from dilseg.runtime.metadata import MetadataError, ModelMeta
-from dilseg.runtime.trt_compat import BuildPlan, Capabilities, TrtCompatError, plan_build
+from ..artifact import ENGINE_SUFFIXES, is_engine, session_meta
+from ..defaults import TRT_WORKSPACE_MIB
+from ..errors import DilsegError, os_errors_as
+from ..files import atomic_write_bytes, sha256_file
+from ..metadata import MetadataError, ModelMeta
+from .cache import CacheKey, make_sidecar, write_engine
+from .compat import BuildPlan, Capabilities, TrtCompatError, check_supported, detect, plan_build
+from .cuda import Gpu, query_gpu
+from .deps import import_tensorrt, make_logger
 
 # Used for a dynamic ONNX when no --min/--opt/--max is given: CamVid's 360x480 as the shape
 # TensorRT tunes for, from a 256x320 thumbnail up to 720p.
 DEFAULT_DYNAMIC_PROFILE = ("1x3x256x320", "1x3x360x480", "1x3x720x1280")
-DEFAULT_WORKSPACE_MIB = 1024
 OUTPUT_STRIDE = 8  # the models' output stride: H and W must be multiples of it
 
-INSTALL_HINT = ("desktop/server GPU: `pip install 'dilseg[trt]'`; Jetson: TensorRT comes with JetPack "
-                "(JetPack 6 ships TensorRT 10.3) - use a venv made with `--system-site-packages` so it is visible")
 
-
-class BuildError(ValueError):
+class BuildError(DilsegError, ValueError):
     """An engine cannot be built from these inputs; the message says what to change."""
 
 
@@ -155,22 +157,23 @@ def inspect_onnx(path: str | Path) -> OnnxInfo:
         raise BuildError(f"{path}: no such file")
     if path.is_dir():
         raise BuildError(f"{path}: is a folder, not an ONNX file")
-    if path.suffix.lower() == ".engine":
+    if is_engine(path):
         raise BuildError(f"{path}: this is already a TensorRT engine; `dilseg build` takes the ONNX it came from")
-    with open(path, "rb") as f:
+    with os_errors_as(BuildError, path, "read it"), open(path, "rb") as f:
         head = f.read(64)
     if not head or head.lstrip()[:1] in (b"{", b"<") or head.startswith(b"\x89PNG") or head.startswith(b"PK"):
         raise BuildError(f"{path}: not an ONNX model (export one with `dilseg export onnx`)")
-    try:
-        meta = read_onnx_meta(path)
-    except MetadataError as exc:
-        msg = str(exc)
-        if "not a loadable ONNX model" in msg:
-            msg = f"{path}: not an ONNX model, or a damaged one ({msg.split('(', 1)[-1].rstrip(')')})"
-        raise BuildError(msg) from None
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    try:
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ONNX Runtime's own Fail/InvalidProtobuf types
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise BuildError(f"{path}: not an ONNX model, or a damaged one ({first})") from None
+    try:
+        meta = session_meta(path, sess)
+    except MetadataError as exc:
+        raise BuildError(str(exc)) from None
     inputs = sess.get_inputs()
     if len(inputs) != 1:
         raise BuildError(f"{path}: expected one image input, found {len(inputs)} ({', '.join(i.name for i in inputs)})")
@@ -236,7 +239,7 @@ class BuildOptions:
     min_shape: str | None = None
     opt_shape: str | None = None
     max_shape: str | None = None
-    workspace_mib: int = DEFAULT_WORKSPACE_MIB
+    workspace_mib: int = TRT_WORKSPACE_MIB
     timing_cache: str | None = None
     dla_core: int | None = None
     hardware_compatible: bool = False
@@ -270,8 +273,9 @@ def prepare(onnx_path: str | Path, engine_path: str | Path | None, options: Buil
         raise BuildError(f"--dla-core must be 0 or more, got {options.dla_core}")
     if engine_path is not None:
         engine_path = Path(engine_path)
-        if engine_path.suffix.lower() != ".engine":
-            raise BuildError(f"-o {engine_path}: the output must end in .engine (its sidecar is {engine_path.name}.json)")
+        if not is_engine(engine_path):
+            raise BuildError(f"-o {engine_path}: the output must end in {' or '.join(ENGINE_SUFFIXES)} (its sidecar "
+                             f"is {engine_path.name}.json)")
         parent = engine_path.parent if str(engine_path.parent) else Path(".")
         if not parent.is_dir():
             raise BuildError(f"-o {engine_path}: folder {parent} does not exist")
@@ -299,32 +303,6 @@ def prepare(onnx_path: str | Path, engine_path: str | Path | None, options: Buil
 
 
 # -- TensorRT ----------------------------------------------------------------------------------
-
-def load_tensorrt():
-    """The ``tensorrt`` module, or a BuildError saying how to get it."""
-    try:
-        import tensorrt as trt
-    except ImportError as exc:
-        raise BuildError(f"TensorRT is not installed for this Python ({exc}); {INSTALL_HINT}") from None
-    return trt
-
-
-def query_gpu(device: int = 0) -> tuple[str, tuple[int, int]]:
-    """Name and compute capability of a CUDA device (through pycuda's driver API; no context needed)."""
-    try:
-        import pycuda.driver as cuda
-    except ImportError as exc:
-        raise BuildError(f"pycuda is not installed ({exc}); it is needed to query the GPU: {INSTALL_HINT}") from None
-    try:
-        cuda.init()
-        count = cuda.Device.count()
-    except Exception as exc:  # pycuda raises its own driver errors
-        raise BuildError(f"no usable CUDA driver/GPU: {exc}") from None
-    if device >= count:
-        raise BuildError(f"GPU {device} does not exist (this machine has {count})")
-    dev = cuda.Device(device)
-    return dev.name(), tuple(dev.compute_capability())
-
 
 class PhaseBars:
     """tqdm bars for TensorRT's nested build phases (thread-safe: TensorRT reports from its own threads)."""
@@ -392,24 +370,6 @@ def make_progress_monitor(trt, bars: PhaseBars):
     return _Monitor()
 
 
-def make_logger(trt):
-    """A TensorRT logger that keeps errors and warnings, so a failed build can say why."""
-
-    class _Logger(trt.ILogger):
-        def __init__(self) -> None:
-            trt.ILogger.__init__(self)
-            self.errors: list[str] = []
-            self.warnings: list[str] = []
-
-        def log(self, severity, msg):
-            if severity in (trt.ILogger.INTERNAL_ERROR, trt.ILogger.ERROR):
-                self.errors.append(str(msg))
-            elif severity == trt.ILogger.WARNING:
-                self.warnings.append(str(msg))
-
-    return _Logger()
-
-
 def plan_for(caps: Capabilities, prepared: Prepared, compute_capability: tuple[int, int] | None) -> BuildPlan:
     o = prepared.options
     try:
@@ -420,10 +380,10 @@ def plan_for(caps: Capabilities, prepared: Prepared, compute_capability: tuple[i
         raise BuildError(str(exc)) from None
 
 
-def expected_key(prepared: Prepared, trt_version: str, gpu: tuple[str, tuple[int, int]], precision: str) -> CacheKey:
-    name, cc = gpu
-    o = prepared.options
-    return CacheKey(prepared.info.sha256, str(trt_version), name, f"{cc[0]}.{cc[1]}", precision,
+def expected_key(prepared: Prepared, trt_version: str, gpu: Gpu, precision: str) -> CacheKey:
+    """The cache key of the engine this request builds on ``gpu``."""
+    cc, o = gpu.compute_capability, prepared.options
+    return CacheKey(prepared.info.sha256, str(trt_version), gpu.name, f"{cc[0]}.{cc[1]}", precision,
                     prepared.profile.to_dict(), o.dla_core, o.hardware_compatible, o.version_compatible)
 
 
@@ -443,19 +403,17 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
     Runs in the calling thread, which must be the one that owns the CUDA context when called
     from the runtime (TensorRT uses the current context).
     """
-    from dilseg.runtime.trt_compat import check_supported, detect
-
     options = options or BuildOptions()
     prepared = prepared or prepare(onnx_path, engine_path, options)
     engine_path = Path(engine_path)
-    trt = load_tensorrt()
+    trt = import_tensorrt(BuildError, "building an engine")
     caps = detect(trt)
     try:
         check_supported(caps)
     except TrtCompatError as exc:
         raise BuildError(str(exc)) from None
-    gpu = query_gpu(options.device)
-    plan = plan_for(caps, prepared, gpu[1])
+    gpu = query_gpu(options.device, BuildError)
+    plan = plan_for(caps, prepared, gpu.compute_capability)
     notes = list(prepared.notes) + list(plan.notes)
     for note in notes:
         log(f"note: {note}")
@@ -494,7 +452,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
     config.add_optimization_profile(profile)
 
     cache_path = Path(options.timing_cache) if options.timing_cache else None
-    cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
+    with os_errors_as(BuildError, cache_path, "read the timing cache"):
+        cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
     timing_cache = config.create_timing_cache(cache_bytes)
     # ignore_mismatch=False: a cache from another TensorRT/GPU is not merged in (TensorRT warns and starts empty).
     config.set_timing_cache(timing_cache, False)
@@ -522,13 +481,11 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
     check_engine_io(io, prepared.info.meta)
     if cache_path:
         atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
-    import hashlib
-
     # The engine's metadata tells what it computes in (an fp32 ONNX built with --fp16 is an fp16 model).
     meta = replace(prepared.info.meta, precision=plan.engine_precision)
     sidecar = make_sidecar(
-        meta, tensorrt_version=str(caps.version), gpu_name=gpu[0],
-        compute_capability=f"{gpu[1][0]}.{gpu[1][1]}", precision=plan.engine_precision, profile=p.to_dict(),
+        meta, tensorrt_version=str(caps.version), gpu_name=gpu.name,
+        compute_capability="{}.{}".format(*gpu.compute_capability), precision=plan.engine_precision, profile=p.to_dict(),
         onnx_sha256=prepared.info.sha256, engine_sha256=hashlib.sha256(engine_bytes).hexdigest(),
         engine_size=len(engine_bytes), hardware_compatible=options.hardware_compatible,
         version_compatible=options.version_compatible, dla_core=options.dla_core, build_seconds=seconds, io=io,

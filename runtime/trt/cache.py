@@ -17,11 +17,12 @@ from pathlib import Path
 
 from dilseg import __version__
 
-from .artifact import sidecar_path
-from .backends.base import BackendError
-from .files import atomic_write_bytes, sha256_file
-from .metadata import MetadataError, ModelMeta
-from .trt_compat import engine_runs_here, parse_compute_capability
+from ..artifact import sidecar_path
+from ..backends.base import BackendError
+from ..errors import os_errors_as
+from ..files import atomic_write_bytes, sha256_file
+from ..metadata import MetadataError, ModelMeta
+from .compat import engine_runs_here
 
 SIDECAR_SCHEMA = 1
 
@@ -86,7 +87,8 @@ def load_sidecar(engine_path: str | Path) -> dict:
         raise EngineError(f"{engine_path}: no sidecar {side_path.name} beside it, so what it was built for is "
                           "unknown; rebuild it with `dilseg build MODEL.onnx -o " + str(engine_path) + "`")
     try:
-        side = json.loads(side_path.read_text())
+        with os_errors_as(EngineError, side_path, "read the sidecar"):
+            side = json.loads(side_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EngineError(f"{side_path}: corrupt sidecar ({exc}); rebuild the engine with `dilseg build`") from None
     if not isinstance(side, dict):
@@ -111,7 +113,8 @@ def verify_engine_file(engine_path: str | Path, side: dict) -> None:
     if want is not None and size != int(want):
         raise EngineError(f"{engine_path}: the engine is {size} bytes but its sidecar says {want}: the file is "
                           "truncated or was replaced; rebuild it with `dilseg build`")
-    digest = sha256_file(engine_path)
+    with os_errors_as(EngineError, engine_path, "read the engine"):
+        digest = sha256_file(engine_path)
     if digest != side["engine_sha256"]:
         raise EngineError(f"{engine_path}: the engine's sha256 ({digest[:12]}…) differs from the one in its sidecar "
                           f"({str(side['engine_sha256'])[:12]}…): the file is corrupt or belongs to another build; "
@@ -125,10 +128,6 @@ class RunningFacts:
     tensorrt_version: str
     gpu_name: str
     compute_capability: tuple[int, int]
-
-    @property
-    def cc_text(self) -> str:
-        return f"{self.compute_capability[0]}.{self.compute_capability[1]}"
 
 
 def check_runs_here(engine_path: str | Path, side: dict, running: RunningFacts) -> None:
@@ -253,6 +252,3 @@ def cached_engine_path(onnx_path: str | Path, onnx_sha256: str, precision: str,
         return onnx_path.with_name(name)
     return user_cache_dir() / f"{onnx_path.stem}-{onnx_sha256[:12]}.{precision}.engine"
 
-
-def parse_cc(text: str) -> tuple[int, int]:
-    return parse_compute_capability(text)

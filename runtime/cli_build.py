@@ -1,13 +1,15 @@
 """`dilseg build`: ONNX -> TensorRT engine + sidecar, on the GPU or Jetson that will run it.
 
-Torch-free and tensorrt-free at import: the handler validates everything it can first, then
-imports TensorRT only to build.
+A runtime command (building happens on the device, where there is no torch), tensorrt-free
+at import: the handler validates everything it can first, then imports TensorRT only to build.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+from .defaults import TRT_WORKSPACE_MIB
 
 BUILD_EPILOG = """\
 examples:
@@ -35,14 +37,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog=BUILD_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("onnx", metavar="MODEL.onnx", help="ONNX exported by `dilseg export onnx` (fp32, fp16 or int8 Q/DQ)")
     p.add_argument("-o", "--output", required=True, metavar="MODEL.engine",
-                   help="engine to write (complete or absent), with MODEL.engine.json beside it")
+                   help="engine to write, .engine or .plan (complete or absent), with MODEL.engine.json beside it")
     p.add_argument("--fp16", action="store_true",
                    help="build an fp32 ONNX in fp16 (TensorRT 10 weak typing; not available on TensorRT 11)")
     p.add_argument("--min", dest="min_shape", metavar="SHAPE", help="smallest input, NxCxHxW (dynamic ONNX), e.g. 1x3x256x320")
     p.add_argument("--opt", dest="opt_shape", metavar="SHAPE", help="input size TensorRT tunes for, e.g. 1x3x360x480")
     p.add_argument("--max", dest="max_shape", metavar="SHAPE", help="largest input, e.g. 1x3x720x1280")
-    p.add_argument("--workspace", type=int, default=1024, metavar="MiB",
-                   help="builder workspace memory limit in MiB (default 1024)")
+    p.add_argument("--workspace", type=int, default=TRT_WORKSPACE_MIB, metavar="MiB",
+                   help=f"builder workspace memory limit in MiB (default {TRT_WORKSPACE_MIB})")
     p.add_argument("--timing-cache", metavar="FILE", help="tactic timing cache: read if present, written back after the build")
     p.add_argument("--dla-core", type=int, metavar="N", help="build for DLA core N (Jetson), layers DLA cannot run fall back to the GPU")
     p.add_argument("--hardware-compatible", action="store_true",
@@ -55,7 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    from .trt_build import BuildOptions, build_engine, prepare
+    from .trt.build import BuildOptions, build_engine, prepare
 
     options = BuildOptions(fp16=args.fp16, min_shape=args.min_shape, opt_shape=args.opt_shape, max_shape=args.max_shape,
                            workspace_mib=args.workspace, timing_cache=args.timing_cache, dla_core=args.dla_core,

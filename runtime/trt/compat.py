@@ -26,12 +26,15 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
+# Absolute: this module is also loaded on its own, by file path, by tools that check the gates.
+from dilseg.runtime.errors import DilsegError
+
 MIN_SUPPORTED = (10, 0)
 TESTED_MAJORS = (10, 11)
 AMPERE = (8, 0)  # compute capability floor of HardwareCompatibilityLevel.AMPERE_PLUS
 
 
-class TrtCompatError(ValueError):
+class TrtCompatError(DilsegError, ValueError):
     """The running TensorRT cannot do what was asked; the message says what to do instead."""
 
 

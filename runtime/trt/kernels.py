@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .metadata import ModelMeta
-from .postprocess import palette_bgr
+from ..backends.base import BackendError
+from ..metadata import ModelMeta
+from ..postprocess import palette_bgr
+from .deps import import_pycuda as _import_pycuda
 
 COEF_BITS = 11
 COEF_SCALE = 1 << COEF_BITS  # OpenCV's INTER_RESIZE_COEF_SCALE
@@ -206,13 +208,8 @@ def _grid(h: int, w: int) -> tuple[int, int]:
 
 
 def import_pycuda():
-    """``pycuda.driver`` or an ImportError that says how to get it."""
-    try:
-        import pycuda.driver as cuda
-    except ImportError as exc:
-        raise ImportError(f"pycuda is not installed ({exc}): `pip install 'dilseg[trt]'` builds it against the CUDA "
-                          "toolkit (nvcc on PATH; on a Jetson it is /usr/local/cuda/bin, from JetPack)") from None
-    return cuda
+    """``pycuda.driver``, or a BackendError that says how to get it."""
+    return _import_pycuda(BackendError, "the CUDA pre/post-processing kernels")
 
 
 _MODULES: dict = {}

@@ -1,0 +1,131 @@
+"""The one place that picks a backend for an artifact: by suffix (``auto``) or by name.
+
+Built-in backends are named here by module path and imported only when chosen. Backends
+from elsewhere register under the ``dilseg.backends`` entry-point group (``NAME =
+"package.module:BackendClass"`` in their pyproject.toml): the PyTorch backend for
+``.safetensors`` weights does, from the export side next to the model zoo it needs, so the
+runtime discovers it without naming it and never imports torch itself.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import fields
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from ..artifact import ENGINE_SUFFIXES, ONNX_SUFFIX, WEIGHTS_SUFFIX, artifact_suffix
+from .base import Backend, BackendError, BackendOptions
+
+ENTRY_POINT_GROUP = "dilseg.backends"
+
+BUILTIN = {
+    "onnxruntime": "dilseg.runtime.backends.onnxruntime_backend:OnnxRuntimeBackend",
+    "tensorrt": "dilseg.runtime.trt.runner:TensorRTBackend",
+}
+
+# What ``auto`` runs each kind of artifact on. ONNX Runtime's provider list itself prefers its
+# TensorRT and CUDA providers where they are installed.
+AUTO = {ONNX_SUFFIX: "onnxruntime", **{s: "tensorrt" for s in ENGINE_SUFFIXES}, WEIGHTS_SUFFIX: "pytorch"}
+
+# Backends known by name without loading them, and what is missing when a plugin is absent.
+PLUGIN_HINTS = {"pytorch": ("running .safetensors weights needs PyTorch and dilseg's export side: "
+                            "pip install 'dilseg[export]', or pass an exported .onnx")}
+
+
+def _plugins() -> dict[str, metadata.EntryPoint]:
+    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every backend name ``open_backend`` accepts, ``auto`` first."""
+    return ("auto", *BUILTIN, *sorted(set(_plugins()) | set(PLUGIN_HINTS) - set(BUILTIN)))
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The class of backend ``name`` (imported now), or a BackendError saying how to get it."""
+    if name in BUILTIN:
+        module, attr = BUILTIN[name].split(":")
+        return getattr(importlib.import_module(module), attr)
+    ep = _plugins().get(name)
+    if ep is None:
+        if name in PLUGIN_HINTS:
+            raise BackendError(f"the {name} backend is not installed: {PLUGIN_HINTS[name]}")
+        raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(backend_names())}")
+    try:
+        cls = ep.load()
+    except ImportError as exc:
+        hint = PLUGIN_HINTS.get(name, f"install what {ep.value} needs")
+        raise BackendError(f"the {name} backend cannot be imported ({exc}); {hint}") from None
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise BackendError(f"entry point {name} = {ep.value} is not a dilseg Backend class")
+    return cls
+
+
+def choose(path: Path, backend: str = "auto") -> type[Backend]:
+    """The backend class for an artifact: by its suffix for ``auto``, else the one named."""
+    suffix = artifact_suffix(path)
+    if backend == "auto":
+        if suffix not in AUTO:
+            raise BackendError(f"{path}: not a model dilseg runs (expected {', '.join(AUTO)}); "
+                               "see `dilseg info` and `dilseg export onnx`")
+        backend = AUTO[suffix]
+    cls = backend_class(backend)
+    if suffix not in cls.suffixes:
+        raise BackendError(f"{path}: the {cls.label} backend runs {cls.artifacts}, not a {suffix or 'suffix-less'} "
+                           f"file" + (f"; run it with --backend {AUTO[suffix]} (or auto)" if suffix in AUTO else ""))
+    return cls
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def make_options(cls: type[Backend], path: Path, given: dict[str, Any]) -> BackendOptions:
+    """``cls.Options`` from keyword options; an option the backend does not have is the same
+    clear BackendError on every backend, naming the backend it belongs to where there is one."""
+    known = {f.name for f in fields(cls.Options)}
+    unknown = [k for k in given if k not in known]
+    if unknown:
+        flags = ", ".join(_flag(k) for k in unknown)
+        for other in BUILTIN:
+            if other == cls.name:
+                continue
+            owner = backend_class(other)
+            if all(k in {f.name for f in fields(owner.Options)} for k in unknown):
+                raise BackendError(f"{flags}: {owner.label} option(s), but {path.name} runs on {cls.label} here; "
+                                   f"{owner.selection_hint}")
+        takes = ", ".join(_flag(f.name) for f in fields(cls.Options)) or "none"
+        raise BackendError(f"{flags}: not option(s) of the {cls.label} backend (it takes: {takes})")
+    try:
+        options = cls.Options(**given)
+    except TypeError as exc:
+        raise BackendError(f"{cls.label} backend options: {exc}") from None
+    options.check(path)
+    return options
+
+
+def open_backend(model: str | Path, backend: str = "auto", options: BackendOptions | None = None,
+                 **kwargs: Any) -> Backend:
+    """The loaded backend for an artifact (``.onnx``, ``.engine``/``.plan``, ``.safetensors``).
+
+    ``backend``: ``auto`` (by suffix) or a name from ``backend_names()``. Options come either as
+    the backend's options dataclass or as keywords (``threads=2``, ``cuda_graph=True``).
+    """
+    path = Path(model)
+    if not path.exists():
+        raise BackendError(f"{path}: no such model file; pass an .onnx, .engine or .safetensors "
+                           "(see `dilseg info`)")
+    if path.is_dir():
+        raise BackendError(f"{path}: is a folder, not a model file")
+    cls = choose(path, backend)
+    if options is not None and kwargs:
+        raise BackendError("pass backend options either as an options object or as keywords, not both")
+    if options is None:
+        options = make_options(cls, path, kwargs)
+    elif not isinstance(options, cls.Options):
+        raise BackendError(f"the {cls.label} backend takes {cls.Options.__name__}, not {type(options).__name__}")
+    else:
+        options.check(path)
+    return cls.open(path, options).load()
