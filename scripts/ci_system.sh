@@ -37,7 +37,7 @@ fi
 # The venv is rebuilt when this script, pyproject.toml or the checkout it points at change.
 t0=$SECONDS
 stamp="$VENV/.dilseg-ci-system"
-want="$(cat scripts/ci_system.sh pyproject.toml | sha256sum | cut -c1-16) $PWD"
+want="$(cat scripts/ci_system.sh pyproject.toml | sha256sum | cut -c1-16) $(pwd -P)"
 if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]] \
    || ! "$VENV/bin/python" -c "import cv2, onnxruntime, tqdm, pytriton, tritonclient.grpc, dilseg" 2>/dev/null; then
   if ! "$VENV/bin/python" -c "import sys; assert sys.base_prefix == '/usr' and sys.version_info[:2] == (3, 11)" 2>/dev/null; then

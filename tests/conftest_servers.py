@@ -36,37 +36,42 @@ from servers import (HttpServer, RtspServer, SystemVenv, TritonServer, find_nvcc
                      triton_missing, unavailable)
 
 
+class _Started:
+    """A factory fixture's servers: each call builds one with its log in the test's tmp_path and
+    starts it; ``close()`` kills them all."""
+
+    def __init__(self, cls, tmp_path: Path, **fixed):
+        self.cls, self.tmp_path, self.fixed = cls, tmp_path, fixed
+        self.servers: list = []
+
+    def __call__(self, *args, **opts):
+        log = self.tmp_path / f"{self.cls.kind}-{len(self.servers)}.log"
+        server = self.cls(*args, log_path=log, **self.fixed, **opts)
+        self.servers.append(server)
+        return server.start()
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.stop(kill=True)
+
+
 @pytest.fixture
 def rtsp_server(tmp_path):
     """``rtsp_server(**RtspServer options) -> RtspServer``, started; all stopped at teardown."""
     reason = rtsp_missing()
     if reason:
         unavailable(f"no RTSP server: {reason}")
-    servers: list[RtspServer] = []
-
-    def start(**opts) -> RtspServer:
-        server = RtspServer(log_path=tmp_path / f"rtsp-{len(servers)}.log", **opts)
-        servers.append(server)
-        return server.start()
-
-    yield start
-    for server in servers:
-        server.stop(kill=True)
+    started = _Started(RtspServer, tmp_path)
+    yield started
+    started.close()
 
 
 @pytest.fixture
 def http_server(tmp_path):
     """``http_server(root, **HttpServer options) -> HttpServer``, started; all stopped at teardown."""
-    servers: list[HttpServer] = []
-
-    def start(root: str | Path, **opts) -> HttpServer:
-        server = HttpServer(root, log_path=tmp_path / f"http-{len(servers)}.log", **opts)
-        servers.append(server)
-        return server.start()
-
-    yield start
-    for server in servers:
-        server.stop(kill=True)
+    started = _Started(HttpServer, tmp_path)
+    yield started
+    started.close()
 
 
 @pytest.fixture(scope="session")
@@ -86,16 +91,9 @@ def tritonserver(sysvenv, tmp_path):
     reason = triton_missing(sysvenv)
     if reason:
         unavailable(reason)
-    servers: list[TritonServer] = []
-
-    def start(repo: str | Path, **opts) -> TritonServer:
-        server = TritonServer(repo, venv=sysvenv, log_path=tmp_path / f"triton-{len(servers)}.log", **opts)
-        servers.append(server)
-        return server.start()
-
-    yield start
-    for server in servers:
-        server.stop(kill=True)
+    started = _Started(TritonServer, tmp_path, venv=sysvenv)
+    yield started
+    started.close()
 
 
 @pytest.fixture

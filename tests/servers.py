@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import os
 import re
 import shutil
@@ -273,9 +274,18 @@ class SystemVenv:
         """Why the venv cannot run dilseg with GStreamer here, or None."""
         if not self.python.exists():
             return f"no Debian-python venv at {self.path}"
+        if self.stale():
+            return (f"the venv at {self.path} was built for another pyproject.toml or ci_system.sh "
+                    "(entry points and package folders come from its install): run `bash scripts/ci_system.sh`")
         r = self.run(["-c", "import cv2, onnxruntime, dilseg.runtime.sources as s; "
                             "assert s.has_gstreamer(), 'OpenCV without GStreamer'"], timeout=60)
         return None if r.returncode == 0 else f"the venv at {self.path} is incomplete: {r.stderr.strip()[-300:]}"
+
+    def stale(self) -> bool:
+        """Whether scripts/ci_system.sh would rebuild the venv (its stamp, as that script writes it)."""
+        digest = hashlib.sha256((REPO / "scripts" / "ci_system.sh").read_bytes() + (REPO / "pyproject.toml").read_bytes())
+        stamp = self.path / ".dilseg-ci-system"
+        return not stamp.exists() or stamp.read_text().strip() != f"{digest.hexdigest()[:16]} {REPO}"
 
     def env(self, extra: dict | None = None) -> dict:
         return _child_env(extra, path_first=self.path / "bin")
