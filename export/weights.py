@@ -49,13 +49,18 @@ def load_weights(model: nn.Module, path: str | Path, num_classes: int | None = N
     if num_classes is not None and classes is not None and len(classes) != num_classes:
         raise WeightsError(f"{path}: weights are for {len(classes)} classes, the model has {num_classes}")
     state = load_file(str(path))
+    hint = f" (the file says it holds {info['model']!r})" if "model" in info else ""
+    load_state_strictly(model, state, path, hint)
+
+
+def load_state_strictly(model: nn.Module, state: dict, path: str | Path, hint: str = "") -> None:
+    """``model.load_state_dict(state, strict=True)``, with one readable error naming what does not fit."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+              for k in sorted(set(own) & set(state)) if getattr(state[k], "shape", None) != own[k].shape]
     if missing or unexpected or shapes:
-        hint = f" (the file says it holds {info['model']!r})" if "model" in info else ""
         lines = []
         if missing:
             lines.append(f"missing keys: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}")

@@ -1,0 +1,325 @@
+"""`dilseg import` on real segmentation networks no one here wrote (Hugging Face SegFormer and
+UPerNet/ConvNeXt, random weights), each exported by the user's plain `torch.onnx.export`, then
+run through run/eval/verify/info; and every bad input refused in one line with nothing written.
+
+The adopted graph is compared with PyTorch itself (upsampled logits, argmax) on CamVid frames,
+not only with the checks `dilseg import` makes on its own.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+
+pytest.importorskip("transformers")
+torch = pytest.importorskip("torch")
+
+import foreign_models as fm  # noqa: E402
+from precision_helpers import CAMVID, needs_camvid  # noqa: E402
+
+from dilseg.runtime.artifact import read_onnx_meta  # noqa: E402
+from dilseg.runtime.backends import open_backend  # noqa: E402
+from dilseg.runtime.classes import PRESETS  # noqa: E402
+from dilseg.runtime.cli import main  # noqa: E402
+from dilseg.runtime.dataset import list_images  # noqa: E402
+from dilseg.runtime.preprocess import preprocess  # noqa: E402
+from dilseg.runtime.segmenter import Segmenter  # noqa: E402
+
+SIZE = (64, 96)
+pytestmark = needs_camvid
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("foreign")
+
+
+@pytest.fixture(scope="module")
+def segformer(work):
+    torch.manual_seed(0)
+    model = fm.lively(fm.segformer(), SIZE)
+    torch.save(model.state_dict(), work / "segformer.pt")
+    return model
+
+
+@pytest.fixture(scope="module")
+def segformer_onnx(segformer, work) -> Path:
+    return fm.user_export(fm.Logits(segformer), work / "segformer.onnx", SIZE)
+
+
+@pytest.fixture(scope="module")
+def upernet(work):
+    torch.manual_seed(1)
+    model = fm.lively(fm.upernet(), SIZE)
+    torch.save(model.state_dict(), work / "upernet.pt")
+    return model
+
+
+def camvid_frames(n: int = 3) -> list[np.ndarray]:
+    paths = list_images(CAMVID / "val" / "images")
+    return [cv2.imread(str(p)) for p in paths[:: len(paths) // n][:n]]
+
+
+def torch_labels(model, frame: np.ndarray, meta) -> np.ndarray:
+    """PyTorch's own answer: logits upsampled bilinearly to the input size, argmax."""
+    x = torch.from_numpy(preprocess(frame, meta))
+    with torch.no_grad():
+        logits = model(pixel_values=x).logits
+        logits = torch.nn.functional.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)
+    return logits.argmax(1)[0].numpy()
+
+
+def agreement_with_torch(model, adopted: Path) -> tuple[float, int]:
+    backend = open_backend(adopted)
+    try:
+        same = total = 0
+        classes = set()
+        for frame in camvid_frames():
+            x = preprocess(frame, backend.meta)
+            got = backend.infer(x)[0]
+            want = torch_labels(model, frame, backend.meta)
+            same += int((got == want).sum())
+            total += want.size
+            classes |= set(np.unique(want).tolist())
+        return 100.0 * same / total, len(classes)
+    finally:
+        backend.close()
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_segformer_imported_runs_evaluates_and_verifies(segformer, segformer_onnx, work, capsys) -> None:
+    out = work / "segformer_dilseg.onnx"
+    rc, stdout, stderr = run_cli(capsys, "import", segformer_onnx, "-o", out, "--classes", "camvid",
+                                 "--frames", CAMVID)
+    assert rc == 0, stderr
+    assert "1/4 of the input size" in stderr and "real frames" in stdout
+    meta = read_onnx_meta(out)
+    assert meta.classes == PRESETS["camvid"].names and meta.palette == PRESETS["camvid"].palette
+    assert meta.input_size == SIZE and meta.output_kind == "labels" and meta.ignore_index == 11
+    assert meta.extra["imported"]["output_stride"] == 4
+    graph = onnx.load(str(out))
+    assert [n.op_type for n in graph.graph.node][-4:] == ["Resize", "ArgMax", "Cast", "Identity"]
+    assert graph.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.INT32
+    agree, seen = agreement_with_torch(segformer, out)
+    assert agree >= 99.9 and seen >= 3  # a mask of one class would agree vacuously
+
+    masks = work / "seg_masks"
+    rc, stdout, stderr = run_cli(capsys, "run", "--model", out, "--source", CAMVID / "val" / "images",
+                                 "--max-frames", 3, "--labels", masks, "--quiet")
+    assert rc == 0, stderr
+    seg = Segmenter(open_backend(out))
+    first = cv2.imread(str(list_images(CAMVID / "val" / "images")[0]))
+    assert np.array_equal(cv2.imread(str(sorted(masks.iterdir())[0]), cv2.IMREAD_UNCHANGED), seg(first).labels)
+
+    rc, stdout, stderr = run_cli(capsys, "eval", "--model", out, "--data", CAMVID, "--limit", 2, "--no-progress",
+                                 "--json", work / "eval.json")
+    assert rc == 0, stderr
+    assert json.loads((work / "eval.json").read_text())["images"] == 2 and "Bicyclist" in stdout
+
+    logits = work / "segformer_logits.onnx"
+    assert run_cli(capsys, "import", segformer_onnx, "-o", logits, "--classes", "camvid",
+                   "--output-kind", "logits")[0] == 0
+    rc, stdout, stderr = run_cli(capsys, "verify", out, logits, "--data", CAMVID, "--limit", 2, "--no-progress",
+                                 "--min-agreement", 99.9)
+    assert rc == 0, stderr
+    assert "PASS" in stdout
+
+    rc, stdout, _ = run_cli(capsys, "info", out)
+    assert rc == 0 and "Bicyclist" in stdout
+
+
+def test_upernet_at_full_resolution_and_its_own_classes_file(upernet, work, capsys) -> None:
+    src = fm.user_export(fm.Logits(upernet), work / "upernet.onnx", SIZE)
+    classes = work / "classes.txt"
+    names = ["traffic light"] + [f"thing_{i}" for i in range(1, 11)]  # names may hold spaces
+    classes.write_text("# my classes\n" + "\n".join(f"{n} 10 {20 * i} 30" if i % 2 else n
+                                                    for i, n in enumerate(names)) + "\nignore_index: 255\n")
+    out = work / "upernet_dilseg.onnx"
+    rc, stdout, stderr = run_cli(capsys, "import", src, "-o", out, "--classes", classes, "--frames", CAMVID,
+                                 "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25")
+    assert rc == 0, stderr
+    meta = read_onnx_meta(out)
+    assert list(meta.classes) == names and meta.ignore_index == 255
+    assert meta.palette[1] == (10, 20, 30) and len(set(meta.palette)) == 11  # generated ones distinct
+    assert meta.mean == (0.5, 0.5, 0.5) and meta.extra["imported"]["output_stride"] == 1
+    assert "Resize" not in [n.op_type for n in onnx.load(str(out)).graph.node][-3:]
+    agree, seen = agreement_with_torch(upernet, out)
+    assert agree >= 99.9 and seen >= 2
+
+
+def test_dynamic_graph_needs_a_size_or_dynamic_and_runs_at_any_size(segformer, work, capsys) -> None:
+    src = fm.user_export(fm.Logits(segformer), work / "segformer_dyn.onnx", SIZE, dynamic=True, dynamo=False)
+    out = work / "dyn_dilseg.onnx"
+    rc, _, stderr = run_cli(capsys, "import", src, "-o", out, "--classes", "camvid")
+    assert rc == 2 and "--size HxW" in stderr and "--dynamic" in stderr and not out.exists()
+    rc, _, stderr = run_cli(capsys, "import", src, "-o", out, "--classes", "camvid", "--dynamic", "--frames", CAMVID)
+    assert rc == 0, stderr
+    backend = open_backend(out)
+    assert backend.meta.input_size is None
+    frame = camvid_frames(1)[0]
+    assert Segmenter(backend)(frame).labels.shape == frame.shape[:2]
+    x = preprocess(frame, backend.meta)  # 360x480: the frame's own size
+    want = torch_labels(segformer, frame, backend.meta)
+    assert (backend.infer(x)[0] == want).mean() >= 0.999
+    fixed = work / "dyn_fixed.onnx"
+    assert run_cli(capsys, "import", src, "-o", fixed, "--classes", "camvid", "--size", "128x160")[0] == 0
+    assert read_onnx_meta(fixed).input_size == (128, 160)
+
+
+def test_labels_output_at_a_stride_is_upsampled_nearest(segformer, work, capsys) -> None:
+    src = fm.user_export(fm.Labels(segformer), work / "labels.onnx", SIZE, dynamo=False, output_names=["labels"])
+    out = work / "labels_dilseg.onnx"
+    rc, stdout, stderr = run_cli(capsys, "import", src, "-o", out, "--classes", "camvid", "--frames", CAMVID)
+    assert rc == 0, stderr
+    assert "integer labels" in stderr
+    backend = open_backend(out)
+    frame = camvid_frames(1)[0]
+    x = preprocess(frame, backend.meta)
+    with torch.no_grad():
+        small = segformer(pixel_values=torch.from_numpy(x)).logits.argmax(1)[0].numpy()
+    assert np.array_equal(backend.infer(x)[0], np.repeat(np.repeat(small, 4, 0), 4, 1))
+
+
+def test_several_outputs_need_output_name(segformer, work, capsys) -> None:
+    class Two(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            logits = self.m(pixel_values=x).logits
+            return logits, logits.mean((2, 3))
+
+    src = fm.user_export(Two(segformer), work / "two.onnx", SIZE, dynamo=False, output_names=["seg", "cls"])
+    out = work / "two_dilseg.onnx"
+    rc, _, stderr = run_cli(capsys, "import", src, "-o", out, "--classes", "camvid")
+    assert rc == 2 and "--output NAME" in stderr and "'seg'" in stderr and not out.exists()
+    rc, _, stderr = run_cli(capsys, "import", src, "-o", out, "--classes", "camvid", "--output", "seg")
+    assert rc == 0, stderr
+    assert [o.name for o in onnx.load(str(out)).graph.output] == ["labels"]
+
+
+def _broken_graph(path: Path) -> Path:
+    """A graph that onnx.checker rejects: a node reads a tensor nothing produces."""
+    from onnx import TensorProto, helper
+
+    node = helper.make_node("Add", ["pixel_values", "missing"], ["logits"])
+    graph = helper.make_graph([node], "broken", [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT,
+                                                                               [1, 3, 64, 96])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, 64, 96])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+BAD = {
+    "classifier": (lambda w: fm.user_export(fm.classifier(), w / "cls.onnx", SIZE), "camvid", "classifier"),
+    "detector": (lambda w: fm.user_export(fm.Detector().eval(), w / "det.onnx", SIZE, dynamo=False,
+                                          output_names=["boxes", "scores", "classes"]), "camvid", "detector"),
+    "count": (lambda w: w / "segformer.onnx", "cityscapes", "has 11 classes but cityscapes lists 19"),
+    "malformed": (lambda w: w / "segformer.onnx", "bad.txt", "three colour values"),
+    "duplicate": (lambda w: w / "segformer.onnx", "dup.json", "duplicate class name 'Road' (class 0 is 'road')"),
+    "gray": (lambda w: fm.user_export(fm.Gray().eval(), w / "gray.onnx", SIZE), "camvid", "3-channel"),
+    "checker": (_broken_graph, "camvid", "fails onnx.checker"),
+    "stride": (lambda w: fm.user_export(fm.odd_stride(), w / "odd.onnx", SIZE), "camvid", "integer stride"),
+    "yaml": (lambda w: w / "segformer.onnx", "bad.yaml", "not valid YAML"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_inputs_are_refused_in_one_line_and_nothing_is_written(case, segformer_onnx, work, capsys) -> None:
+    make, classes, phrase = BAD[case]
+    (work / "bad.txt").write_text("road 128 64\nsky\n")
+    (work / "dup.json").write_text(json.dumps([{"name": "road", "color": [1, 2, 3]}, "sky", {"name": "Road"}]))
+    (work / "bad.yaml").write_text("- name: road\n  color: [1, 2\n")
+    src = make(work) if case != "checker" else make(work / "broken.onnx")
+    if classes.endswith((".txt", ".json", ".yaml")):
+        classes = work / classes
+    out = work / f"refused_{case}.onnx"
+    before = src.read_bytes()
+    rc, stdout, stderr = run_cli(capsys, "import", src, "-o", out, "--classes", classes)
+    assert rc == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("dilseg import: error: ") and phrase in lines[0], stderr
+    assert not out.exists() and not list(work.glob(f".refused_{case}*"))
+    assert src.read_bytes() == before  # the input is never touched
+
+
+def test_a_foreign_onnx_given_to_run_gets_the_import_command(segformer_onnx, capsys) -> None:
+    rc, _, stderr = run_cli(capsys, "run", "--model", segformer_onnx, "--source", "test://", "--max-frames", 1)
+    assert rc == 2
+    assert f"dilseg import {segformer_onnx} -o " in stderr and "--classes camvid" in stderr
+
+
+def test_import_help_teaches_with_examples(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["import", "--help"])
+    out = capsys.readouterr().out
+    assert "examples:" in out and "dilseg import " in out and "ignore_index: 255" in out
+
+
+FACTORIES = str(Path(fm.__file__))  # tests/foreign_models.py, given as a file path like a user's script
+
+
+def test_torch_factory_export_matches_pytorch_and_the_onnx_route(segformer, work, capsys) -> None:
+    out = work / "segformer_torch.onnx"
+    rc, stdout, stderr = run_cli(capsys, "export", "onnx", "--torch", f"{FACTORIES}:segformer", "--kwargs",
+                                 '{"num_labels": 11}', "--weights", work / "segformer.pt", "--classes", "camvid",
+                                 "--size", "64x96", "-o", out)
+    assert rc == 0, stderr
+    meta = read_onnx_meta(out)
+    assert meta.model == "segformer" and meta.classes == PRESETS["camvid"].names and meta.input_size == SIZE
+    assert meta.extra["torch"]["output_stride"] == 4 and meta.weights_sha256
+    agree, seen = agreement_with_torch(segformer, out)
+    assert agree >= 99.9 and seen >= 3
+
+
+def test_torch_factory_by_module_name_with_safetensors_and_fp16(upernet, work, capsys) -> None:
+    from safetensors.torch import save_file
+
+    weights = work / "upernet.safetensors"
+    save_file({k: v.contiguous() for k, v in upernet.state_dict().items()}, str(weights))
+    out = work / "upernet_fp16.onnx"
+    args = ["export", "onnx", "--torch", "foreign_models:upernet", "--weights", weights, "--classes", "camvid"]
+    # Its pyramid pooling (bins 1, 2, 3, 6 of the stride-32 map) is beyond the TorchScript exporter at 64x96:
+    rc, _, stderr = run_cli(capsys, *args, "--size", "64x96", "-o", out)
+    assert rc == 2 and "torch.onnx.export cannot export this module" in stderr and not out.exists()
+    rc, stdout, stderr = run_cli(capsys, *args, "--size", "192x384", "--precision", "fp16",
+                                 "--calib-dir", CAMVID / "train", "--calib-images", 4, "-o", out)
+    assert rc == 0, stderr
+    meta = read_onnx_meta(out)
+    assert meta.precision == "fp16" and meta.extra["torch"]["output_stride"] == 1
+    agree, _ = agreement_with_torch(upernet, out)
+    assert agree >= 99.0
+
+
+TORCH_BAD = {
+    "classifier": (["--torch", f"{FACTORIES}:classifier"], "a classifier"),
+    "stride": (["--torch", f"{FACTORIES}:odd_stride"], "integer stride"),
+    "count": (["--torch", f"{FACTORIES}:segformer", "--kwargs", '{"num_labels": 5}'], "has 5 classes but camvid lists 11"),
+    "factory": (["--torch", f"{FACTORIES}:no_such_factory"], "has no callable 'no_such_factory'"),
+    "module": (["--torch", "no_such_package.nets:build"], "cannot import no_such_package.nets"),
+    "kwargs": (["--torch", f"{FACTORIES}:segformer", "--kwargs", "{num_labels: 5}"], "not valid JSON"),
+    "weights": (["--torch", f"{FACTORIES}:segformer", "--weights", "upernet.pt"], "does not fit this model"),
+}
+
+
+@pytest.mark.parametrize("case", list(TORCH_BAD))
+def test_torch_factory_bad_inputs_are_refused_and_nothing_is_written(case, segformer, upernet, work, capsys) -> None:
+    args, phrase = TORCH_BAD[case]
+    args = [str(work / a) if a.endswith(".pt") else a for a in args]
+    out = work / f"refused_torch_{case}.onnx"
+    rc, _, stderr = run_cli(capsys, "export", "onnx", *args, "--classes", "camvid", "--size", "64x96", "-o", out)
+    assert rc == 2
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and phrase in lines[0], stderr
+    assert not out.exists()
