@@ -32,7 +32,7 @@ HEADS: dict[str, str] = {
 }
 # Block size (output pixels per label, per axis) of each head.
 REPEAT = {"full": 1, "half": 2, "quarter": 4, "eighth": 8}
-DEFAULT_HEAD = "quarter"
+DEFAULT_HEAD = "half"
 
 
 class HeadError(DilsegError, ValueError):

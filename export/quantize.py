@@ -341,7 +341,8 @@ def make_variant(proto: onnx.ModelProto, meta: ModelMeta, precision: str, calib:
 
 def export_variant(model, meta: ModelMeta, output: str | Path, size: tuple[int, int] | None, precision: str,
                    calib_dir: str | Path | None, calib_images: int = 100, target: str = "tensorrt",
-                   method: str = "entropy", opset: int | None = None, min_agreement: float | None = None):
+                   method: str = "entropy", opset: int | None = None, min_agreement: float | None = None,
+                   head: str | None = None):
     """Export a zoo model as an fp16 or int8 ONNX, verified against PyTorch, written atomically.
 
     The check compares argmax labels on real calibration frames: a logit tolerance means
@@ -357,7 +358,7 @@ def export_variant(model, meta: ModelMeta, output: str | Path, size: tuple[int, 
     if method not in CALIB_METHODS:
         raise QuantizeError(f"--calib-method must be one of {', '.join(CALIB_METHODS)}, not {method!r}")
     calib = calibration_images(calib_dir, calib_images)  # bad folders fail before the slow export
-    proto, meta, _ = build_onnx(model, meta, size, opset or DEFAULT_OPSET)
+    proto, meta, _ = build_onnx(model, meta, size, opset or DEFAULT_OPSET, head=head)
     variant, vmeta = make_variant(proto, meta, precision, calib, target, method)
     picks = calib[:: max(1, len(calib) // 4)][:4]
     inputs = [preprocess(read_image(p), meta) for p in picks]
@@ -369,3 +370,46 @@ def export_variant(model, meta: ModelMeta, output: str | Path, size: tuple[int, 
                           "(more --calib-images, another --calib-method, or --min-agreement to accept it)")
     write_onnx(variant, output)
     return check, vmeta
+
+
+# Variants shipped beside a model file: ``NAME.onnx`` -> ``NAME.<variant>.onnx``.
+SHIPPED_VARIANTS = {
+    "int8cpu": ("int8", "cpu"),  # ONNX Runtime / OpenVINO on x86 CPUs with VNNI
+    "fp16": ("fp16", None),  # GPUs; TensorRT 11 takes precision from the graph
+}
+
+
+def variant_path(parent: str | Path, variant: str) -> Path:
+    """Where a variant of ``parent`` lives: beside it, ``edge_m_camvid.onnx`` -> ``edge_m_camvid.int8cpu.onnx``."""
+    parent = Path(parent)
+    return parent.with_name(f"{parent.stem}.{variant}{parent.suffix}")
+
+
+def make_file_variant(parent: str | Path, variant: str, calib_dir: str | Path | None, calib_images: int = 100,
+                      method: str = "entropy", output: str | Path | None = None) -> tuple[Path, ModelMeta]:
+    """Build a shipped variant straight from an fp32 ONNX file (no PyTorch) and write it beside it.
+
+    The variant's metadata names it (``extra.variant``) and its parent (file name and sha256),
+    so a picker can check that a variant belongs to the file it sits next to.
+    """
+    from dilseg.runtime.artifact import read_onnx_meta
+    from dilseg.runtime.files import atomic_write_bytes, sha256_file
+
+    from .onnx_meta import attach_metadata
+
+    if variant not in SHIPPED_VARIANTS:
+        raise QuantizeError(f"unknown variant {variant!r}; choose one of: {', '.join(SHIPPED_VARIANTS)}")
+    parent = Path(parent)
+    meta = read_onnx_meta(parent)
+    if meta.precision != "fp32":
+        raise QuantizeError(f"{parent}: variants are made from an fp32 ONNX, this one is {meta.precision}")
+    precision, target = SHIPPED_VARIANTS[variant]
+    calib = calibration_images(calib_dir, calib_images)
+    proto = onnx.load(str(parent))
+    out, vmeta = make_variant(proto, meta, precision, calib, target or "tensorrt", method)
+    vmeta = replace(vmeta, extra={**vmeta.extra, "variant": variant, "parent": parent.name,
+                                  "parent_sha256": sha256_file(parent)})
+    attach_metadata(out, vmeta)
+    path = Path(output) if output else variant_path(parent, variant)
+    atomic_write_bytes(path, out.SerializeToString())
+    return path, vmeta

@@ -25,7 +25,8 @@ CAMVID_PALETTE: tuple[tuple[int, int, int], ...] = (
     (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192),
 )
 CAMVID_IGNORE = 11
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+# Image files OpenCV decodes: one list for datasets, calibration folders and image/folder sources.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jp2")
 
 
 class DatasetError(DilsegError, ValueError):

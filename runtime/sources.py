@@ -27,11 +27,11 @@ from urllib.parse import parse_qs, urlsplit
 import cv2
 import numpy as np
 
+from .dataset import IMAGE_SUFFIXES
 from .errors import DilsegError
 
 log = logging.getLogger("dilseg.sources")
 
-IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jp2"}
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp")
 SPEC_HELP = (
     "--source takes a camera index (0), a video or image file, a folder of images, "
@@ -239,10 +239,10 @@ class FolderSource(Source):
     def __init__(self, folder: Path, fps: float | None = None) -> None:
         self.spec = str(folder)
         self.fps = fps
-        self.paths = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file()),
+        self.paths = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
                             key=_natural_key)
         if not self.paths:
-            raise SourceError(f"{folder}: no images in this folder (looked for {', '.join(sorted(IMAGE_EXTS))})")
+            raise SourceError(f"{folder}: no images in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
         self.frame_count = len(self.paths)
         self.pos = 0
         self.corrupt_paths: list[Path] = []  # the images skipped (their count is corrupt_frames)
@@ -852,6 +852,6 @@ def open_source(spec: str | int, **opts) -> Source:
         raise SourceError(f"{path}: no such file or folder; {SPEC_HELP}")
     if not os.access(path, os.R_OK):
         raise SourceError(f"{path}: permission denied; make the file readable")
-    if path.suffix.lower() in IMAGE_EXTS:
+    if path.suffix.lower() in IMAGE_SUFFIXES:
         return ImageSource(path, repeat=opts.get("repeat", 1))
     return VideoFileSource(path)
