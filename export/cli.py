@@ -53,8 +53,22 @@ def register(sub: argparse._SubParsersAction) -> None:
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            description="Export a zoo model (optionally with trained weights) to ONNX.")
     p.add_argument("--model", help="zoo model name (default: the one the weights file names)")
-    p.add_argument("--weights", help="safetensors weights from `dilseg train` (default: fresh initialisation)")
-    size = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--weights", help="safetensors weights from `dilseg train`, or with --torch a state_dict "
+                                     "(.pt/.pth/.safetensors) (default: fresh initialisation)")
+    own = p.add_argument_group("your own model (--torch) or an existing dilseg ONNX (--from)")
+    own.add_argument("--torch", metavar="MODULE:FACTORY", help="build the network with a factory of yours: "
+                                                               "package.module:fn or path/to/file.py:fn")
+    own.add_argument("--kwargs", metavar="JSON", help="keyword arguments for the factory, e.g. '{\"num_labels\": 19}'")
+    own.add_argument("--torch-output", metavar="KEY", help="which part of the module's output holds the class "
+                                                           "scores (dict key or tuple index; default: the tensor, "
+                                                           ".logits, or 'out')")
+    own.add_argument("--from", dest="from_onnx", metavar="MODEL.onnx",
+                     help="make the --precision variant of this dilseg ONNX (e.g. one from `dilseg import`), "
+                          "verified against it")
+    from .cli_import import add_model_description_args
+
+    add_model_description_args(own, classes_required=False)
+    size = p.add_mutually_exclusive_group()
     size.add_argument("--size", help="fixed input HxW, multiples of 8, e.g. 360x480")
     size.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
     p.add_argument("--opset", type=int, default=ONNX_OPSET, help=f"ONNX opset (default {ONNX_OPSET})")
@@ -118,12 +132,27 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_export_onnx(args: argparse.Namespace) -> int:
-    from dilseg.export.onnx_export import export_onnx, parse_size
+    from dilseg.runtime.errors import CliError
+
+    if args.from_onnx:
+        from .onnx_precision import run_from_onnx
+
+        return run_from_onnx(args)
+    if not args.size and not args.dynamic:
+        raise CliError("pass --size HxW (e.g. 360x480) or --dynamic")
+    if args.torch:
+        from .torch_import import run_export_torch
+
+        return run_export_torch(args)
+    if args.classes or args.kwargs or args.torch_output or args.bgr or args.name:
+        raise CliError("--classes, --kwargs, --torch-output, --bgr and --name describe your own model: use them "
+                       "with --torch")
+
+    from dilseg.export.onnx_export import parse_size
     from dilseg.export.train import camvid_meta
     from dilseg.export.weights import load_model
     from dilseg.runtime.files import sha256_file
     from dilseg.export.zoo import create_model
-    from dilseg.runtime.cli import CliError
 
     size = None if args.dynamic else parse_size(args.size)
     if args.weights:
@@ -138,6 +167,14 @@ def run_export_onnx(args: argparse.Namespace) -> int:
     meta = replace(camvid_meta(name), output_kind=args.output_kind, weights_sha256=digest)
     if getattr(model, "num_classes", meta.num_classes) != meta.num_classes:
         raise CliError(f"model has {model.num_classes} classes; only {meta.num_classes}-class CamVid metadata is known")
+    return write_export(args, model, meta, name, size)
+
+
+def write_export(args: argparse.Namespace, model, meta, name: str, size: tuple[int, int] | None) -> int:
+    """The fp32 export or its --precision variant, verified against PyTorch, written, reported."""
+    from dilseg.export.onnx_export import export_onnx
+    from dilseg.runtime.errors import CliError
+
     shape = "dynamic" if size is None else f"{size[0]}x{size[1]}"
     if args.precision == "fp32":
         if args.calib_dir:
