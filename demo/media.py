@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,16 +15,19 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from dilseg.runtime.postprocess import class_areas, colorize, palette_bgr, render
+from dilseg.runtime.errors import DilsegError
+from dilseg.runtime.pipeline import Pipeline
+from dilseg.runtime.postprocess import class_areas, colorize, palette_bgr
 from dilseg.runtime.segmenter import Segmenter
-
-from .settings import ViewSettings
+from dilseg.runtime.sinks import Sink
+from dilseg.runtime.sources import SourceError, VideoFileSource
+from dilseg.runtime.view import ViewSettings
 
 IMAGE_TYPES = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp"]
 VIDEO_TYPES = ["mp4", "avi", "mov", "mkv", "webm", "m4v", "mpg", "mpeg"]
 
 
-class MediaError(ValueError):
+class MediaError(DilsegError, ValueError):
     """An upload cannot be decoded; the message names the file and says what would work."""
 
 
@@ -58,8 +60,8 @@ def decode_image(name: str, data: bytes) -> np.ndarray:
 
 def segment_image(image: np.ndarray, segmenter: Segmenter, settings: ViewSettings) -> ImageResult:
     meta = segmenter.meta
-    seg = segmenter(image)
-    picture = render(image, seg.labels, meta, settings.view, settings.alpha, settings.visible_list)
+    seg = segmenter.process(image)
+    picture = segmenter.render(seg, settings)
     mask = colorize(seg.labels, palette_bgr(meta, settings.visible_list))
     return ImageResult(picture, seg.labels, class_areas(seg.labels, meta.num_classes), seg.timings,
                        png(picture), png(mask), png(seg.labels))
@@ -72,62 +74,96 @@ class VideoResult:
     fps: float
     areas: np.ndarray  # mean % per class over the video
     seconds: float
+    skipped: int = 0  # frames that could not be decoded (corrupt), left out and counted
 
 
 def _even(n: int) -> int:
     return n - n % 2
 
 
+class Mp4Sink(Sink):
+    """Rendered frames -> an H.264 MP4 that browsers play inline, written under a temporary name
+    and renamed by ``close()``: complete or absent."""
+
+    def __init__(self, path: Path, fps: float) -> None:
+        self.path, self.fps = path, fps
+        self.spec = str(path)
+        self.tmp = path.with_name(f".{path.name}.part")
+        self.count = 0
+        self._container = self._stream = None
+        self._size = (0, 0)
+
+    def write(self, frame: np.ndarray, labels: np.ndarray, rendered: np.ndarray, name: str | None = None) -> None:
+        import av
+
+        if self._container is None:
+            self._container = av.open(str(self.tmp), mode="w", format="mp4", options={"movflags": "+faststart"})
+            # yuv420p needs even sizes; one pixel off the edge is not worth a resize.
+            self._size = (_even(rendered.shape[0]), _even(rendered.shape[1]))
+            self._stream = self._container.add_stream("libx264", rate=round(self.fps))
+            self._stream.height, self._stream.width = self._size
+            self._stream.pix_fmt = "yuv420p"
+            self._stream.options = {"preset": "veryfast", "crf": "23"}
+        h, w = self._size
+        if rendered.shape[:2] != (h, w):
+            rendered = cv2.resize(rendered, (w, h), interpolation=cv2.INTER_AREA)  # a frame of another size
+        out = av.VideoFrame.from_ndarray(np.ascontiguousarray(rendered[:h, :w]), format="bgr24")
+        for packet in self._stream.encode(out):
+            self._container.mux(packet)
+        self.count += 1
+
+    def close(self) -> None:
+        if self._container is None:
+            return
+        try:
+            for packet in self._stream.encode():
+                self._container.mux(packet)
+        finally:
+            self._container.close()
+            self._container = None
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if self._container is not None:
+            try:
+                self._container.close()
+            except Exception:  # noqa: BLE001 - discarding it anyway
+                pass
+            self._container = None
+        self.tmp.unlink(missing_ok=True)
+
+
 def segment_video(source: Path, segmenter: Segmenter, settings: ViewSettings,
-                  progress: Callable[[int, int], None] | None = None, out_dir: Path | None = None) -> VideoResult:
-    """Every frame in order -> rendered H.264 MP4 (browsers play it inline).
+                  progress: Callable[[int, int], None] | None = None, out_dir: Path | None = None,
+                  name: str | None = None) -> VideoResult:
+    """Every frame in order -> rendered H.264 MP4 (browsers play it inline), through the same
+    Pipeline as `dilseg run` with a file's policy: no frame lost, frames that cannot be decoded
+    skipped and counted (``VideoResult.skipped``). ``name`` is the file's name for messages
+    (the upload's, not the temporary copy's).
 
     The MP4 is written under a temporary name and renamed when complete, so a failed or
     interrupted run leaves no half-written result behind.
     """
-    import av
-
-    cap = cv2.VideoCapture(str(source))
+    name = name or source.name
     try:
-        ok, frame = cap.read() if cap.isOpened() else (False, None)
-        if not ok or frame is None:
-            raise MediaError(f"`{source.name}` cannot be decoded as a video (corrupt, empty, or a codec OpenCV lacks). "
-                             "Try an MP4 (H.264) or AVI file.")
-        total = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) or 0
-        fps = cap.get(cv2.CAP_PROP_FPS)
-        fps = fps if fps and 1 <= fps <= 240 else 25.0
-        meta = segmenter.meta
-        out_dir = Path(out_dir or tempfile.mkdtemp(prefix="dilseg-demo-video-"))
-        final = out_dir / f"{source.stem}_segmented.mp4"
-        tmp = out_dir / f".{final.name}.part"
-        areas = np.zeros(meta.num_classes)
-        start, count = time.perf_counter(), 0
-        try:
-            with av.open(str(tmp), mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
-                stream = None
-                while ok:
-                    seg = segmenter(frame)
-                    picture = render(frame, seg.labels, meta, settings.view, settings.alpha, settings.visible_list)
-                    if stream is None:
-                        # yuv420p needs even sizes; one pixel off the edge is not worth a resize.
-                        h, w = _even(picture.shape[0]), _even(picture.shape[1])
-                        stream = container.add_stream("libx264", rate=round(fps))
-                        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-                        stream.options = {"preset": "veryfast", "crf": "23"}
-                    out = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture[:h, :w]), format="bgr24")
-                    for packet in stream.encode(out):
-                        container.mux(packet)
-                    areas += class_areas(seg.labels, meta.num_classes)
-                    count += 1
-                    if progress:
-                        progress(count, max(total, count))
-                    ok, frame = cap.read()
-                for packet in stream.encode():
-                    container.mux(packet)
-            os.replace(tmp, final)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-    finally:
-        cap.release()
-    return VideoResult(final, count, fps, areas / max(count, 1), time.perf_counter() - start)
+        src = VideoFileSource(source)  # not open_source: an uploaded name is a file, never a spec
+    except SourceError:
+        raise MediaError(f"`{name}` cannot be decoded as a video (corrupt, empty, or a codec OpenCV lacks). "
+                         "Try an MP4 (H.264) or AVI file.") from None
+    meta = segmenter.meta
+    fps = src.fps if src.fps and 1 <= src.fps <= 240 else 25.0
+    out_dir = Path(out_dir or tempfile.mkdtemp(prefix="dilseg-demo-video-"))
+    sink = Mp4Sink(out_dir / f"{source.stem}_segmented.mp4", fps)
+    areas = np.zeros(meta.num_classes)
+
+    def on_result(result) -> None:
+        areas[:] += class_areas(result.labels, meta.num_classes)
+
+    def told(done: int, known: int | None) -> None:  # in this thread: a page may draw from it
+        progress(done, max(known or 0, done))
+
+    with src:
+        stats = Pipeline(src, segmenter, [sink], view=settings, handle_signals=False, on_result=on_result,
+                         progress=told if progress else False).run()
+    count = stats.frames_out
+    return VideoResult(sink.path, count, fps, areas / max(count, 1), stats.seconds, stats.corrupt_skipped)

@@ -18,15 +18,17 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from dilseg.runtime.errors import DilsegError
 from dilseg.runtime.metadata import ModelMeta
 from dilseg.runtime.postprocess import VIEWS, class_areas
 from dilseg.runtime.segmenter import Segmenter
+from dilseg.runtime.view import ViewSettings
 
 from . import shared_camera
 from .loading import (ModelChoiceError, backend_options, check_model, launch_model, load_segmenter,
                       missing_default_message, save_upload)
 from .media import IMAGE_TYPES, VIDEO_TYPES, MediaError, decode_image, segment_image, segment_video
-from .settings import ENV_SOURCE, ViewSettings, rtc_configuration
+from .settings import ENV_SOURCE, rtc_configuration
 from .webcam import WebcamProcessor
 
 SOURCES = {
@@ -236,8 +238,8 @@ def server_source(segmenter: Segmenter, settings: ViewSettings) -> None:
             try:
                 worker = shared_camera.acquire(spec, segmenter)
                 st.session_state["server_running"] = worker.spec
-            except Exception as exc:  # SourceError carries a readable message; anything else gets its type
-                msg = str(exc) if type(exc).__name__ == "SourceError" else f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # a DilsegError carries a readable message; anything else gets its type
+                msg = str(exc) if isinstance(exc, DilsegError) else f"{type(exc).__name__}: {exc}"
                 st.error(f"Cannot open `{spec}`: {msg}")
                 st.session_state["server_running"] = None
         if stop.button("Stop", key="server_stop", width="stretch"):
@@ -249,9 +251,13 @@ def server_source(segmenter: Segmenter, settings: ViewSettings) -> None:
             st.error(f"`{running}` stopped: {error}" if error else f"`{running}` is no longer running; press Start.")
             st.session_state["server_running"] = None
             running = None
-        if worker is not None:
+        if worker is None:
+            shared_camera.release_viewer(session_id())  # Stop, or the source ended: no stream stays open
+        else:
             worker.set_segmenter(segmenter)
             viewer = session_id()
+            # A changed view is a new URL, so the browser opens a new stream; the server then ends
+            # this tab's previous one (one stream per tab and source).
             url = f"dilseg/stream/{worker.id}.mjpg?{settings.to_query()}&viewer={viewer}"
             st.html(f'<img id="dilseg-stream" alt="segmented stream of {html.escape(running)}" '
                     f'src="{html.escape(url)}" style="width:100%;border-radius:4px">')
@@ -316,7 +322,7 @@ def video_source(segmenter: Segmenter, settings: ViewSettings, model_key: tuple)
                 bar.progress(min(i / n, 1.0), text=f"Segmenting frame {i} of {n}")
 
         try:
-            result = segment_video(path, segmenter, settings, progress=progress, out_dir=folder)
+            result = segment_video(path, segmenter, settings, progress=progress, out_dir=folder, name=upload.name)
             data = result.path.read_bytes()
         except MediaError as exc:
             bar.empty()
@@ -328,9 +334,13 @@ def video_source(segmenter: Segmenter, settings: ViewSettings, model_key: tuple)
             return
         finally:
             shutil.rmtree(folder, ignore_errors=True)  # the result now lives in the session
-        bar.progress(1.0, text=f"Done: {result.frames} frames in {result.seconds:.1f} s")
+        skipped = f"; {result.skipped} corrupt frame(s) skipped" if result.skipped else ""
+        bar.progress(1.0, text=f"Done: {result.frames} frames in {result.seconds:.1f} s{skipped}")
         st.session_state["video_result"] = (job, result, data)
     _, result, data = st.session_state["video_result"]
+    if result.skipped:
+        st.warning(f"{upload.name}: {result.skipped} frame(s) could not be decoded (corrupt) and were left out; "
+                   f"the other {result.frames} are in the result.")
     video, panel = st.columns([3, 2])
     with video:
         st.video(data, format="video/mp4")
@@ -351,6 +361,8 @@ def main() -> None:
     segmenter = load_model(path, backend_key)
     settings = choose_view(segmenter.meta if segmenter else None)
     source = choose_source()
+    if source != "server" or segmenter is None:
+        shared_camera.release_viewer(session_id())  # the page no longer shows a server stream
     if segmenter is None:
         launch_path, _ = launch_model()
         if st.session_state.get("model_kind", "default") == "default" and not launch_path.exists():

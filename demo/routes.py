@@ -13,8 +13,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
+from dilseg.runtime.view import ViewSettings
+
 from . import shared_camera, webcam
-from .settings import ViewSettings
 
 PREFIX = "/dilseg"
 BOUNDARY = "dilsegframe"
@@ -22,46 +23,48 @@ BOUNDARY = "dilsegframe"
 
 async def stream(request: Request):
     worker = shared_camera.find(request.path_params["worker"])
-    if worker is None:
+    if worker is None or not worker.alive:
         return PlainTextResponse("no such running source; press Start on the page", status_code=404)
     try:
         settings = ViewSettings.from_query(dict(request.query_params))
         settings.check_classes(worker.segmenter.meta.num_classes)
     except ValueError as exc:
         return PlainTextResponse(f"bad view settings: {exc}", status_code=400)
-    viewer = request.query_params.get("viewer", "anonymous")
+    viewer = request.query_params.get("viewer")  # the page's tab; a hand-written URL may have none
 
     async def frames():
         loop = asyncio.get_running_loop()
         fresh = asyncio.Event()
 
-        def listener() -> None:  # called from the worker thread
+        def wake() -> None:  # called from the worker thread
             try:
                 loop.call_soon_threadsafe(fresh.set)
             except RuntimeError:  # the loop closed under us: the server is shutting down
                 pass
 
-        meter = worker.connect(viewer, listener, settings)
+        # Registered when the response starts, and ended in `finally` when the browser goes
+        # away, the viewer opens its next stream, or its page stops showing the source.
+        stream = worker.open_stream(viewer, settings, wake)
         seq = 0
         try:
-            while worker.alive:
+            while worker.alive and not stream.closed:
                 try:
                     await asyncio.wait_for(fresh.wait(), 1.0)
                 except asyncio.TimeoutError:
                     continue
                 fresh.clear()
-                result = worker.latest()
-                if result is None or result.seq <= seq:
+                published = worker.latest()
+                if stream.closed or published is None or published.seq <= seq:
                     continue
-                seq = result.seq
-                jpeg = result.jpegs.get(settings)
-                if jpeg is None:  # a frame made before this stream registered its view
-                    jpeg = await asyncio.to_thread(shared_camera.encode_view, result, settings)
-                meter.tick()
-                yield (f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n"
-                       .encode() + jpeg + b"\r\n")
+                seq = published.seq
+                data = published.jpegs.get(settings)
+                if data is None:  # a frame made before this stream registered its view
+                    data = await asyncio.to_thread(shared_camera.encode_view, published.result, settings)
+                stream.meter.tick()
+                yield (f"--{BOUNDARY}\r\nContent-Type: image/jpeg\r\nContent-Length: {len(data)}\r\n\r\n"
+                       .encode() + data + b"\r\n")
         finally:
-            worker.disconnect(viewer, listener, settings)
+            worker.close_stream(stream)
 
     return StreamingResponse(frames(), media_type=f"multipart/x-mixed-replace; boundary={BOUNDARY}",
                              headers={"Cache-Control": "no-store"})

@@ -2,9 +2,14 @@
 
 A camera can be opened once only, and inference is the expensive part, so tabs never get
 their own: the page calls ``acquire(spec, segmenter)``, which returns the running worker for
-that source or opens the source and starts one. Viewers read the newest result (the MJPEG
-route renders it with their own view settings). A worker nobody watches for ``IDLE_S``
-seconds closes its source and leaves the registry.
+that source or opens the source and starts one. A worker is the runtime's Pipeline (the one
+`dilseg run` uses) with a publishing sink: each result is drawn and JPEG-encoded once per
+distinct view that an open stream asks for, and the newest is handed to the MJPEG route.
+A viewer (a browser tab) holds at most one stream per worker: a new stream from it ends the
+one before (a changed view opens a new URL), and ``release_viewer`` ends them when its page
+stops showing the source, so no abandoned stream stays open or keeps being drawn. A file
+is played as a camera (paced, looping). A worker nobody watches for ``IDLE_S`` seconds
+closes its source and leaves the registry.
 """
 
 from __future__ import annotations
@@ -14,40 +19,140 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import cv2
 import numpy as np
 
+from dilseg.runtime.errors import DilsegError
 from dilseg.runtime.metadata import ModelMeta
-from dilseg.runtime.postprocess import render
+from dilseg.runtime.pipeline import FrameResult, Pipeline
 from dilseg.runtime.segmenter import Segmenter
+from dilseg.runtime.sinks import LatestSink
+from dilseg.runtime.view import ViewSettings
 
 from .meter import Meter
-from .settings import ViewSettings
 
 IDLE_S = 10.0  # seconds a worker runs on with no stream open and no page showing it
-FILE_FPS = 10.0  # pace of a looping still image or a file without a frame rate
 JPEG_QUALITY = 80
 
 
-@dataclass(frozen=True)
-class Result:
-    seq: int
-    index: int  # the source's own frame number (test:// frame i is test_frame(i))
-    frame: np.ndarray  # BGR as captured
-    labels: np.ndarray  # HxW class ids at frame size
-    meta: ModelMeta
-    timings: dict[str, float] = field(default_factory=dict)
-    jpegs: dict[ViewSettings, bytes] = field(default_factory=dict)  # the views viewers asked for
-
-
-def encode_view(result: Result, settings: ViewSettings, quality: int = JPEG_QUALITY) -> bytes:
-    """One viewer's picture of a result, as JPEG."""
-    image = render(result.frame, result.labels, result.meta, settings.view, settings.alpha, settings.visible_list)
+def jpeg(image: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
     ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, quality])
     if not ok:  # pragma: no cover - OpenCV encodes any uint8 BGR image
         raise RuntimeError("JPEG encoding failed")
     return buf.tobytes()
+
+
+@dataclass(frozen=True)
+class Published:
+    """The newest result of a worker and its pictures for the views open streams asked for."""
+
+    seq: int
+    result: FrameResult
+    jpegs: dict[ViewSettings, bytes] = field(default_factory=dict)
+
+    @property
+    def index(self) -> int:  # the frame's number as captured (test:// frame i is test_frame(i))
+        return self.result.index
+
+    @property
+    def frame(self) -> np.ndarray:
+        return self.result.frame
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.result.labels
+
+    @property
+    def meta(self) -> ModelMeta:
+        return self.result.meta
+
+
+def encode_view(result: FrameResult, settings: ViewSettings) -> bytes:
+    """One viewer's picture of a result, as JPEG."""
+    return jpeg(settings.render(result.frame, result.labels, result.meta))
+
+
+@dataclass(eq=False)
+class Stream:
+    """One open MJPEG response: its viewer (None: anonymous), what it shows, how to wake it."""
+
+    viewer: str | None
+    settings: ViewSettings
+    wake: Callable[[], None]
+    meter: Meter
+    closed: bool = False
+
+
+class Publisher(LatestSink):
+    """The worker's sink: the newest result with a JPEG per view that an open stream shows."""
+
+    spec = "publish:mjpeg"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._streams: list[Stream] = []
+        self._meters: dict[str, Meter] = {}  # per viewer, kept across its streams
+
+    def open_stream(self, viewer: str | None, settings: ViewSettings, wake: Callable[[], None]) -> Stream:
+        """Register a stream; the viewer's earlier streams on this worker are closed and woken."""
+        with self._cond:
+            ended = [s for s in self._streams if viewer is not None and s.viewer == viewer]
+            for old in ended:
+                old.closed = True
+                self._streams.remove(old)
+                self._listeners.remove(old.wake)
+            stream = Stream(viewer, settings, wake, self._meters.setdefault(viewer or "anonymous", Meter()))
+            self._streams.append(stream)
+            self._listeners.append(wake)
+        for old in ended:
+            old.wake()
+        return stream
+
+    def close_stream(self, stream: Stream) -> None:
+        with self._cond:
+            stream.closed = True
+            if stream in self._streams:
+                self._streams.remove(stream)
+                self._listeners.remove(stream.wake)
+
+    def release(self, viewer: str) -> int:
+        """Close every stream of ``viewer`` (its page no longer shows this source); how many."""
+        with self._cond:
+            ended = [s for s in self._streams if s.viewer == viewer]
+        for stream in ended:
+            self.close_stream(stream)
+            stream.wake()
+        return len(ended)
+
+    @property
+    def connections(self) -> int:
+        with self._cond:
+            return len(self._streams)
+
+    def views(self) -> list[ViewSettings]:
+        """The distinct views of the open streams: what each frame is drawn in."""
+        with self._cond:
+            return list(dict.fromkeys(s.settings for s in self._streams))
+
+    def prepare(self, result: FrameResult) -> Published:
+        # Drawn here, once per frame and view: however many tabs watch, a frame is rendered and
+        # encoded once per distinct view, and a stream shows every frame the worker makes.
+        jpegs, drawn = {}, 0.0
+        for settings in self.views():
+            t0 = time.perf_counter()
+            image = settings.render(result.frame, result.labels, result.meta)
+            drawn += time.perf_counter() - t0
+            jpegs[settings] = jpeg(image)
+        result.timings["render"] = result.timings.get("render", 0.0) + drawn * 1e3
+        return Published(self.seq + 1, result, jpegs)
+
+    def viewer_stats(self) -> dict[str, dict]:
+        with self._cond:
+            streams = [s.viewer or "anonymous" for s in self._streams]
+            meters = dict(self._meters)
+        return {name: {**m.snapshot(), "streams": streams.count(name)} for name, m in meters.items()}
 
 
 def redact(spec: str) -> str:
@@ -61,21 +166,16 @@ def worker_id(spec: str) -> str:
 
 
 class CameraWorker:
-    def __init__(self, spec: str, source, segmenter: Segmenter, reopen=None) -> None:
+    def __init__(self, spec: str, source, segmenter: Segmenter) -> None:
         self.spec = spec
         self.id = worker_id(spec)
-        self.segmenter = segmenter
         self.meter = Meter()
         self.error: str | None = None
-        self._source = source
-        self._reopen = reopen  # for file sources: start again at the end
-        self._cond = threading.Condition()
-        self._latest: Result | None = None
+        self.source = source
+        self.publisher = Publisher()
+        self.pipeline = Pipeline(source, segmenter, [self.publisher], view=None, handle_signals=False,
+                                 on_result=self._on_result)
         self._stop = threading.Event()
-        self._viewers: dict[str, Meter] = {}
-        self._views: dict[ViewSettings, int] = {}  # settings of the open streams (refcounted)
-        self._listeners: list = []  # thread-safe callables told about every new result
-        self._connections = 0
         self._last_wanted = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"dilseg-camera-{self.id}", daemon=True)
 
@@ -90,11 +190,7 @@ class CameraWorker:
 
     def stop(self) -> None:
         self._stop.set()
-        interrupt = getattr(self._source, "interrupt", None)
-        if interrupt:  # wake a read that waits for the next frame or a reconnect
-            interrupt()
-        with self._cond:
-            self._cond.notify_all()
+        self.pipeline.stop("stop()")
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
@@ -103,132 +199,71 @@ class CameraWorker:
         """A page still shows this source: keep it running even between stream reconnects."""
         self._last_wanted = time.monotonic()
 
+    @property
+    def segmenter(self) -> Segmenter:
+        return self.pipeline.segmenter
+
     def set_segmenter(self, segmenter: Segmenter) -> None:
-        # Plain attribute swap: the loop picks it up on its next frame.
-        self.segmenter = segmenter
+        self.pipeline.segmenter = segmenter  # the pipeline reads it once per frame
 
     # -- viewers ---------------------------------------------------------------------------
-    def connect(self, viewer: str, listener=None, settings: ViewSettings | None = None) -> Meter:
-        """A viewer starts watching; ``listener()`` is then called (from the worker thread)
-        after every new result, which carries the JPEG of ``settings``. Returns the
-        viewer's display meter."""
-        with self._cond:
-            self._connections += 1
-            meter = self._viewers.setdefault(viewer, Meter())
-            if listener is not None:
-                self._listeners.append(listener)
-            if settings is not None:
-                self._views[settings] = self._views.get(settings, 0) + 1
+    def open_stream(self, viewer: str | None, settings: ViewSettings, wake: Callable[[], None]) -> Stream:
+        """A stream starts; ``wake()`` is then called (from the worker's output thread) after every
+        new result, which carries the JPEG of ``settings``. The viewer's earlier stream ends."""
         self.touch()
-        return meter
+        return self.publisher.open_stream(viewer, settings, wake)
 
-    def disconnect(self, viewer: str, listener=None, settings: ViewSettings | None = None) -> None:
-        with self._cond:
-            self._connections -= 1
-            if listener is not None and listener in self._listeners:
-                self._listeners.remove(listener)
-            if settings is not None and settings in self._views:
-                self._views[settings] -= 1
-                if self._views[settings] <= 0:
-                    del self._views[settings]
+    def close_stream(self, stream: Stream) -> None:
+        self.publisher.close_stream(stream)
         self.touch()
 
-    def latest(self) -> Result | None:
-        with self._cond:
-            return self._latest
+    def release(self, viewer: str) -> int:
+        return self.publisher.release(viewer)
 
-    def wait_newer(self, seq: int, timeout: float) -> Result | None:
-        """The newest result with a sequence number above ``seq``, or None after ``timeout``."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while (self._latest is None or self._latest.seq <= seq) and not self._stop.is_set():
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._thread.is_alive():
-                    return None
-                self._cond.wait(left)
-            return self._latest if self._latest is not None and self._latest.seq > seq else None
+    def latest(self) -> Published | None:
+        return self.publisher.latest()
 
     # -- the loop --------------------------------------------------------------------------
     def _idle(self) -> bool:
-        return self._connections <= 0 and time.monotonic() - self._last_wanted > IDLE_S
+        return self.publisher.connections == 0 and time.monotonic() - self._last_wanted > IDLE_S
+
+    def _on_result(self, result: FrameResult) -> None:
+        self.meter.tick(result.timings)
+        if self._idle():
+            self.pipeline.stop("idle")
 
     def _run(self) -> None:
-        seq = 0
-        next_due = time.monotonic()
         try:
-            while not self._stop.is_set() and not self._idle():
-                t0 = time.perf_counter()
-                frame = self._source.read()
-                t1 = time.perf_counter()
-                if frame is None:
-                    if self._stop.is_set():  # stop() interrupted the read: not the source's fault
-                        break
-                    if self._source.live or self._reopen is None:
-                        self.error = (f"{self.spec}: the source stopped delivering frames"
-                                      if self._source.live else f"{self.spec}: end of the video")
-                        break
-                    self._source.close()
-                    self._source = self._reopen()
-                    continue
-                segmenter = self.segmenter
-                seg = segmenter(frame)
-                seq += 1
-                timings = {"capture": (t1 - t0) * 1e3, **seg.timings}
-                index = getattr(self._source, "index", seq - 1)
-                result = Result(seq, index, frame, seg.labels, segmenter.meta, timings)
-                # Draw each requested view here, once per frame: however many tabs watch,
-                # a frame is rendered and JPEG-encoded once per distinct view, and a stream
-                # shows every frame the worker makes instead of racing it for the CPU.
-                with self._cond:
-                    views = list(self._views)
-                t2 = time.perf_counter()
-                for settings in views:
-                    result.jpegs[settings] = encode_view(result, settings)
-                if views:
-                    timings["render+jpeg"] = (time.perf_counter() - t2) * 1e3
-                with self._cond:
-                    self._latest = result
-                    self._cond.notify_all()
-                    listeners = list(self._listeners)
-                for listener in listeners:
-                    listener()
-                self.meter.tick(timings)
-                # A live source paces itself by blocking in read(); a file (or a still image,
-                # which loops) would race ahead, so hold it to its own frame rate.
-                if not self._source.live:
-                    next_due = max(next_due + 1.0 / (self._source.fps or FILE_FPS), time.monotonic() - 1.0)
-                    delay = next_due - time.monotonic()
-                    if delay > 0:
-                        self._stop.wait(delay)
+            stats = self.pipeline.run()
+            if not self._stop.is_set() and stats.stopped_by in ("", "source lost"):
+                self.error = f"{self.spec}: the source stopped delivering frames" + (
+                    " (gave up reconnecting)" if stats.stopped_by else "")
+        except DilsegError as exc:  # written for the user: shown on the page as it is
+            self.error = f"{self.spec}: {exc}"
         except Exception as exc:  # shown on the page; the app itself carries on
             self.error = f"{self.spec}: {type(exc).__name__}: {exc}"
         finally:
             self._stop.set()
             try:
-                self._source.close()
+                self.source.close()
             finally:
-                with self._cond:
-                    self._cond.notify_all()
-                    listeners = list(self._listeners)
-                for listener in listeners:
-                    listener()
+                self.publisher.close()  # wakes every stream, which then ends
                 _forget(self)
 
     # -- reporting -------------------------------------------------------------------------
     def stats(self) -> dict:
-        with self._cond:
-            viewers = {name: m.snapshot() for name, m in self._viewers.items()}
-            connections = self._connections
+        latest = self.latest()
         return {
             "id": self.id,
             "spec": redact(self.spec),
             "alive": self.alive,
             "error": self.error,
             "model": self.segmenter.meta.model,
-            "connections": connections,
-            "latest_index": latest.index if (latest := self.latest()) else None,
-            "skipped_frames": getattr(self._source, "skipped", 0),  # live frames passed over for newer ones
-            "viewers": viewers,
+            "connections": self.publisher.connections,  # open MJPEG streams
+            "views": len(self.publisher.views()),  # distinct pictures drawn per frame
+            "latest_index": latest.index if latest else None,
+            **self.pipeline.counters(),  # frames_in/out, dropped, corrupt_skipped, reopens (ints)
+            "viewers": self.publisher.viewer_stats(),
             **self.meter.snapshot(),
         }
 
@@ -241,12 +276,10 @@ _last_error: dict[str, str] = {}  # why a spec's last worker ended, for the page
 
 
 def _open(spec: str):
-    from dilseg.runtime.sources import NewestFrame, open_source  # a missing camera raises SourceError here
+    from dilseg.runtime.sources import open_source  # a missing camera raises SourceError here
 
-    source = open_source(spec)
-    # The worker segments one frame at a time: a live source drained in its own thread keeps
-    # every viewer on the newest frame rather than the camera's queued backlog.
-    return NewestFrame(source) if source.live else source
+    # A file (or image, or folder) plays as a camera: at its frame rate, from the start again at its end.
+    return open_source(spec, loop=True)
 
 
 def acquire(spec: str, segmenter: Segmenter) -> CameraWorker:
@@ -269,8 +302,7 @@ def acquire(spec: str, segmenter: Segmenter) -> CameraWorker:
         source = _open(spec)
         _last_error.pop(spec, None)
         _opened[spec] = _opened.get(spec, 0) + 1
-        reopen = None if source.live else (lambda: _open(spec))
-        worker = CameraWorker(spec, source, segmenter, reopen)
+        worker = CameraWorker(spec, source, segmenter)
         _workers[spec] = worker
         return worker.start()
 
@@ -300,6 +332,13 @@ def find(worker_id_: str) -> CameraWorker | None:
 def running(spec: str) -> CameraWorker | None:
     with _lock:
         return _workers.get(spec.strip())
+
+
+def release_viewer(viewer: str) -> int:
+    """End every stream of ``viewer`` (its page stopped showing a server source); how many."""
+    with _lock:
+        workers = list(_workers.values())
+    return sum(worker.release(viewer) for worker in workers)
 
 
 def stats() -> dict:

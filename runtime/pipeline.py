@@ -141,8 +141,10 @@ class Pipeline:
     ``view`` says what the output stage draws for the sinks (None: nothing; sinks that draw
     for themselves, such as a web page's publisher, get ``rendered=None``). ``max_frames``
     bounds the frames processed; ``warmup`` frames are processed but left out of the timings
-    and FPS (benchmarks). ``on_result`` is called in the output thread per frame. Signals are
-    handled only when ``run()`` is called from the main thread.
+    and FPS (benchmarks). ``on_result`` is called in the output thread per frame. ``progress``:
+    True shows a progress bar; a callable ``progress(done, total)`` is called from the thread
+    that called ``run()`` (a UI's own thread) as frames come out, a few times a second.
+    Signals are handled only when ``run()`` is called from the main thread.
 
     ``segmenter`` and ``view`` are plain attributes read once per frame: assigning another
     model or view while it runs takes effect from the next frame.
@@ -151,7 +153,7 @@ class Pipeline:
     def __init__(self, source: Source, segmenter: Segmenter, sinks: Sequence[Sink] = (), *,
                  view: ViewSettings | None = ViewSettings(), max_frames: int | None = None, warmup: int = 0,
                  queue_size: int = 4, on_result: Callable[[FrameResult], None] | None = None,
-                 progress: bool = False, handle_signals: bool = True) -> None:
+                 progress: bool | Callable[[int, int | None], None] = False, handle_signals: bool = True) -> None:
         if max_frames is not None and max_frames < 1:
             raise ValueError(f"max_frames must be >= 1, got {max_frames}")
         self.source, self.segmenter, self.sinks = source, segmenter, list(sinks)
@@ -376,6 +378,9 @@ class Pipeline:
                 if bar is not None and self.stats.frames_out != done:
                     bar.update(self.stats.frames_out - done)
                     done = self.stats.frames_out
+                elif callable(self.progress) and self.stats.frames_out != done:
+                    done = self.stats.frames_out
+                    self.progress(done, self._total())
         finally:
             self.stop_event.set()
             self.source.interrupt()
@@ -406,12 +411,16 @@ class Pipeline:
         if first is not None and ok:
             self.errors.append(first)
 
-    def _progress_bar(self):
-        if not self.progress:
-            return None
-        from tqdm import tqdm
-
+    def _total(self) -> int | None:
+        """Frames this run will make, when known."""
         total = self.max_frames
         if not self.live and self.source.frame_count:
             total = min(total or self.source.frame_count, self.source.frame_count)
-        return tqdm(total=total, unit="frame", desc="segmenting", dynamic_ncols=True, leave=False)
+        return total
+
+    def _progress_bar(self):
+        if self.progress is not True:
+            return None  # off, or a callable told in the calling thread
+        from tqdm import tqdm
+
+        return tqdm(total=self._total(), unit="frame", desc="segmenting", dynamic_ncols=True, leave=False)

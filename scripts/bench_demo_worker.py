@@ -15,10 +15,10 @@ import argparse
 import time
 
 from dilseg.demo import shared_camera
-from dilseg.demo.settings import ViewSettings
 from dilseg.runtime.backends import open_backend
 from dilseg.runtime.defaults import default_model_path
 from dilseg.runtime.segmenter import Segmenter
+from dilseg.runtime.view import ViewSettings
 
 
 def main() -> None:
@@ -30,14 +30,14 @@ def main() -> None:
     args = ap.parse_args()
     settings = ViewSettings(view=args.view)
     worker = shared_camera.acquire(args.source, Segmenter(open_backend(args.model)))
-    worker.connect("bench", None, settings)  # one viewer: one view rendered and encoded per frame
+    stream = worker.open_stream("bench", settings, lambda: None)  # one viewer: one view drawn and encoded per frame
     try:
         time.sleep(3.0)
         f0, t0 = worker.stats()["frames"], time.monotonic()
         time.sleep(args.seconds)
         stats, t1 = worker.stats(), time.monotonic()
     finally:
-        worker.disconnect("bench", None, settings)
+        worker.close_stream(stream)
         worker.stop()
         worker.join(5)
     print(f"{args.source} with {args.model}: worker {(stats['frames'] - f0) / (t1 - t0):.1f} FPS over {args.seconds:.0f} s")

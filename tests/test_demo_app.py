@@ -8,6 +8,7 @@ never written down.
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -336,6 +337,45 @@ def test_uploaded_video_is_segmented_frame_by_frame(monkeypatch, tmp_path, model
     cap.release()
 
 
+def corrupt_frames(path: Path, frames: tuple[int, ...], out: Path) -> Path:
+    """A copy of an MJPEG AVI whose given frames cannot be decoded: the first 600 bytes of each
+    of their JPEGs (markers and tables) overwritten with noise."""
+    data = bytearray(path.read_bytes())
+    starts = [i for i in range(len(data) - 3) if data[i:i + 3] == b"\xff\xd8\xff"]
+    rng = np.random.default_rng(0)
+    for k in frames:
+        data[starts[k]:starts[k] + 600] = rng.integers(0, 256, 600, dtype=np.uint8).tobytes()
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_video_with_corrupt_frames_keeps_every_good_frame_and_says_what_it_skipped(monkeypatch, tmp_path, model,
+                                                                                   segmenter, downloads, video_frames):
+    from dilseg.runtime.sources import test_frame
+
+    frames = [test_frame(i * 3, 128, 96) for i in range(30)]
+    clip = corrupt_frames(write_clip(tmp_path / "clip.avi", frames), (4, 5, 11, 20, 21, 22), tmp_path / "bad.avi")
+    cap = cv2.VideoCapture(str(clip))
+    good = []
+    for _ in range(30):  # what a decoder makes of it: every frame that decodes, in order
+        ok, frame = cap.read()
+        if ok:
+            good.append(frame)
+    cap.release()
+    assert len(good) == 24, "test precondition: six frames must fail to decode"
+    at = app(monkeypatch, model, source="video")
+    at.file_uploader(key="video_upload").upload("bad.avi", clip.read_bytes(), "video/x-msvideo").run()
+    assert not at.exception and not messages(at)
+    assert "Done: 24 frames" in at.get("progress")[-1].proto.text
+    assert "6 corrupt frame(s) skipped" in at.get("progress")[-1].proto.text
+    assert "bad.avi: 6 frame(s) could not be decoded" in messages(at, "warning")
+    out = read_all(downloads(buttons(at)["Download the segmented video (MP4)"]), tmp_path, video_frames)
+    assert len(out) == 24
+    for got, src in zip(out, good):  # every good frame, in order (H.264 is lossy)
+        want = render(src, segmenter(src).labels, segmenter.meta, "overlay", 0.5)
+        assert np.abs(got.astype(int) - want.astype(int)).mean() < 6
+
+
 def test_corrupt_video_is_reported_and_the_page_recovers(monkeypatch, tmp_path, model):
     at = app(monkeypatch, model, source="video")
     at.file_uploader(key="video_upload").upload("broken.mp4", b"\x00\x00\x00\x18ftypmp42" + b"\x13" * 4000,
@@ -457,14 +497,125 @@ def test_a_video_file_as_server_source_loops(monkeypatch, tmp_path, model, camer
     assert worker.alive and worker.error is None
 
 
+@pytest.fixture
+def routes_server(cameras):
+    """The demo's own routes (MJPEG stream, stats) served by uvicorn on 127.0.0.1, in this process,
+    so the test can start workers directly and talk to them over real HTTP."""
+    import socket
+
+    import uvicorn
+    from starlette.applications import Starlette
+
+    from dilseg.demo.routes import ROUTES
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(Starlette(routes=ROUTES), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started, what="uvicorn to start")
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def get_json(url: str) -> tuple[int, dict]:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return r.status, json.load(r)
+
+
+def test_stats_json_answers_for_a_folder_source_with_a_corrupt_image(tmp_path, routes_server, segmenter):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"f{i}.png"), picture_of_blocks(48, 64))
+    (folder / "f1b.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    worker = shared_camera.acquire(str(folder), segmenter)
+    wait_for(lambda: worker.stats()["corrupt_skipped"] >= 1, what="the folder to be read past its corrupt image")
+    status, body = get_json(routes_server + "/dilseg/stats.json")
+    assert status == 200
+    stats = body["cameras"]["workers"][str(folder)]
+    assert stats["alive"] and stats["error"] is None
+    # Counters have one type everywhere: ints, named as in `dilseg run`'s summary.
+    for key in ("frames_in", "frames_out", "dropped", "corrupt_skipped", "reopens"):
+        assert isinstance(stats[key], int), key
+    assert stats["corrupt_skipped"] >= 1 and stats["frames_out"] >= 1
+
+
+def read_mjpeg_frames(response, n: int) -> list[bytes]:
+    """The next ``n`` JPEGs of a multipart/x-mixed-replace response (fewer if it ends)."""
+    frames = []
+    while len(frames) < n:
+        line = response.readline()
+        if not line:
+            break
+        if line.lower().startswith(b"content-length:"):
+            size = int(line.split(b":")[1])
+            response.readline()
+            frames.append(response.read(size))
+    return frames
+
+
+def test_a_viewer_holds_one_stream_and_abandoned_views_are_not_drawn(routes_server, segmenter):
+    import http.client
+    from urllib.parse import urlsplit
+
+    from dilseg.runtime.view import ViewSettings
+
+    spec = "test://96x64?fps=25"
+    worker = shared_camera.acquire(spec, segmenter)
+    host = urlsplit(routes_server).netloc
+
+    def open_stream(view: str, viewer: str):
+        conn = http.client.HTTPConnection(host, timeout=10)
+        conn.request("GET", f"/dilseg/stream/{worker.id}.mjpg?{ViewSettings(view).to_query()}&viewer={viewer}")
+        response = conn.getresponse()
+        assert response.status == 200
+        return conn, response
+
+    tab_a = [open_stream("overlay", "tab-a")]
+    first = read_mjpeg_frames(tab_a[0][1], 2)
+    assert len(first) == 2 and cv2.imdecode(np.frombuffer(first[0], np.uint8), cv2.IMREAD_COLOR).shape == (64, 96, 3)
+    tab_b = open_stream("overlay", "tab-b")
+    for view in ("mask", "side-by-side", "overlay", "mask"):  # tab a changes its view four times
+        tab_a.append(open_stream(view, "tab-a"))
+        assert len(read_mjpeg_frames(tab_a[-1][1], 2)) == 2
+    # Each earlier stream of tab a has ended (its response is complete), the newest one is live.
+    for _, response in tab_a[:-1]:
+        read_mjpeg_frames(response, 1000)  # returns at the end of the response (an open one would time out)
+        assert response.read() == b""
+    stats = worker.stats()
+    assert stats["connections"] == 2 and stats["viewers"]["tab-a"]["streams"] == 1
+    assert {s.settings.view for s in worker.publisher._streams} == {"mask", "overlay"}
+    assert stats["views"] == 2  # mask (tab a) and overlay (tab b): nothing drawn for abandoned views
+    last = read_mjpeg_frames(tab_a[-1][1], 1)[0]
+    wanted = worker.latest()
+    assert ViewSettings("mask") in wanted.jpegs and ViewSettings("side-by-side") not in wanted.jpegs
+    assert cv2.imdecode(np.frombuffer(last, np.uint8), cv2.IMREAD_COLOR).shape == (64, 96, 3)
+    # The page stops showing the source: the tab's stream ends, the other tab's goes on.
+    assert shared_camera.release_viewer("tab-a") == 1
+    read_mjpeg_frames(tab_a[-1][1], 1000)
+    assert tab_a[-1][1].read() == b""
+    wait_for(lambda: worker.stats()["connections"] == 1, what="tab a's stream to close")
+    assert len(read_mjpeg_frames(tab_b[1], 3)) == 3
+    for conn, _ in tab_a + [tab_b]:
+        conn.close()
+    wait_for(lambda: worker.stats()["connections"] == 0, what="the server to see the last stream go")
+
+
 # ---------------------------------------------------------------------------------- small parts
 
 
 def test_view_settings_round_trip_through_the_stream_url():
-    from dilseg.demo.settings import ViewSettings
+    from dilseg.runtime.view import ViewSettings
 
     s = ViewSettings("side-by-side", 0.25, (0, 3, 7))
     assert ViewSettings.from_query(s.to_query()) == s
+    assert ViewSettings.from_query(ViewSettings(legend=True).to_query()).legend
     assert ViewSettings.from_query("") == ViewSettings()
     with pytest.raises(ValueError, match="view must be one of"):
         ViewSettings.from_query("view=sepia")
