@@ -60,7 +60,7 @@ def streamlit_command(args: argparse.Namespace) -> list[str]:
 
 def run_demo(args: argparse.Namespace) -> int:
     from dilseg.runtime.cli import CliError
-    from dilseg.runtime.defaults import default_model_path
+    from dilseg.runtime.defaults import default_model_path, resolve_model
 
     from .settings import ENV_ICE, ENV_MODEL, ENV_SOURCE
 
@@ -71,12 +71,9 @@ def run_demo(args: argparse.Namespace) -> int:
         raise CliError(f"--port {args.port}: choose a port between 1 and 65535")
     env = dict(os.environ)
     if args.model:
-        model = Path(args.model).expanduser().resolve()
-        if not model.is_file():
-            raise CliError(f"--model {args.model}: no such file; pass an .onnx or .engine exported by dilseg")
-        env[ENV_MODEL] = str(model)
+        env[ENV_MODEL] = str(resolve_model(args.model).resolve())
     elif not default_model_path().exists():
-        print(f"note: the shipped model {default_model_path().name} is not installed yet; "
+        print(f"note: the shipped model {default_model_path().name} is missing from this install; "
               "the page will ask for a model (or pass --model PATH)", file=sys.stderr)
     if args.ice_server:
         env[ENV_ICE] = ice_servers_json(args.ice_server, args.ice_username, args.ice_credential)

@@ -82,9 +82,8 @@ def launch_model() -> tuple[Path, str]:
 
 
 def missing_default_message(path: Path) -> str:
-    return (f"The shipped model `{path.name}` is not installed yet (it is written to `{path.parent}` when training "
-            "finishes). Choose **Model file path** or **Upload .onnx** in the sidebar, or start the demo with "
-            "`dilseg demo --model PATH`.")
+    return (f"The shipped model `{path.name}` is missing from this install (`{path.parent}`). Choose "
+            "**Model file path** or **Upload .onnx** in the sidebar, or start the demo with `dilseg demo --model PATH`.")
 
 
 def save_upload(name: str, data: bytes) -> Path:

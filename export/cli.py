@@ -99,7 +99,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--model", default="edge_m", help="zoo model name (default edge_m)")
     t.add_argument("--data", required=True, help="dataset root with train/ and val/")
     t.add_argument("--out", required=True, help="run folder (checkpoints, log.csv); an existing run needs --resume or --overwrite")
-    t.add_argument("--epochs", type=int, default=60, help="epochs (default 60: about 1-2 h for edge_m on 2 cores)")
+    t.add_argument("--epochs", type=int, default=60, help="epochs (default 60)")
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
     t.add_argument("--crop", default="320x416", help="training crop HxW (default 320x416)")

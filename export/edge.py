@@ -1,8 +1,9 @@
-"""Fast edge model: a small dilated residual network (DRN-C style) at output stride 8.
+"""Fast edge model: a small dilated residual network (DRN-D style) at output stride 8.
 
-Stem at 1/2 and 1/4, residual stages at 1/8 whose later blocks dilate by 2 and 4 instead
-of downsampling, then two degridding layers (a dilation-2 and a dilation-1 conv without
-residual, as in DRN-C, to remove the gridding artefacts of the dilated stages), a 1x1 to C
+Stem at 1/2 and 1/4 of plain conv layers, residual stages at 1/8 whose later blocks dilate by
+2 and 4 instead of downsampling, then two degridding layers (a single dilation-2 and a single
+dilation-1 conv layer without residual, DRN-D's last two levels; DRN-C uses residual-free
+two-conv blocks there) to remove the gridding artefacts of the dilated stages, a 1x1 to C
 classes, Yu & Koltun's basic context module, and a bilinear x8 upsampling that exports as
 a single ONNX Resize (no transposed convolution).
 """

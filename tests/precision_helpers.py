@@ -32,7 +32,7 @@ def cached(factory: pytest.TempPathFactory, name: str, make: Callable[[Path], No
 
         path.parent.mkdir(parents=True, exist_ok=True)
         threads = torch.get_num_threads()
-        # One thread: repeatable numerics, and small models gain nothing from more on 2 cores.
+        # One thread: repeatable numerics, and models this small gain nothing from more.
         torch.set_num_threads(1)
         try:
             make(path)

@@ -256,7 +256,7 @@ def test_int8_dynamic_model_calibrates_at_frame_size(tmp_path_factory, tmp_path)
 
 @pytest.mark.slow
 def test_measure_precisions_script_prints_the_model_card_table(tmp_path_factory, tmp_path) -> None:
-    """The lead's script, on the tiny model with few images and runs: every variant measured."""
+    """scripts/measure_precisions.py, on the tiny model with few images and runs: every variant measured."""
     import subprocess
     import sys
 
