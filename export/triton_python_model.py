@@ -1,0 +1,99 @@
+"""Triton Python-backend model written by `dilseg export triton --platform python` (as model.py).
+
+It serves a dilseg ONNX (``model.onnx`` in the version folder) with dilseg's own preprocessing
+and ONNX Runtime, for CPU servers and for clients that send plain frames: each request carries
+BGR uint8 frames (N x H x W x 3, any size), each frame is resized and normalised exactly as
+dilseg does in-process (``dilseg.runtime.preprocess``), the frames of every request the
+dynamic batcher gathered run as one ONNX Runtime call, and int32 labels at the model's
+resolution go back (a logits model is reduced to labels here, so only labels cross the
+network). The server's Python needs dilseg's runtime: ``pip install dilseg`` (no torch).
+
+A bad request (wrong dtype or shape) gets its own error response; it never fails the others
+in its batch nor the server.
+"""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+INPUT = "FRAME"
+OUTPUT = "labels"
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict) -> None:
+        import onnxruntime as ort
+        from dilseg.runtime.artifact import session_meta
+        from dilseg.runtime.backends.onnxruntime_backend import default_threads
+        from dilseg.runtime.preprocess import preprocess
+
+        self.preprocess = preprocess
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(params.get("intra_op_threads") or 0) or default_threads()
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.meta = session_meta(path, self.session)
+        onnx_input = self.session.get_inputs()[0]
+        self.input_name = onnx_input.name
+        self.input_dtype = np.float16 if onnx_input.type == "tensor(float16)" else np.float32
+        # A batch axis the graph fixes at 1 runs frame by frame (the config then has max_batch_size 0).
+        self.batched = not isinstance(onnx_input.shape[0], int) or onnx_input.shape[0] != 1
+        self.has_batch_dim = int(config.get("max_batch_size", 0)) > 0
+        served = [o["name"] for o in config.get("output", [])]
+        if served != [OUTPUT]:
+            raise pb_utils.TritonModelException(f"config.pbtxt must declare one output {OUTPUT!r}, not {served}")
+
+    def _frames(self, request) -> np.ndarray:
+        tensor = pb_utils.get_input_tensor_by_name(request, INPUT)
+        if tensor is None:
+            raise ValueError(f"the request has no {INPUT!r} input")
+        frames = tensor.as_numpy()
+        if not self.has_batch_dim:
+            frames = frames[None]
+        if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+            raise ValueError(f"{INPUT} must be BGR uint8 frames (N x H x W x 3), got {frames.dtype} "
+                             f"{'x'.join(map(str, frames.shape))}")
+        return frames
+
+    def _run(self, batch: np.ndarray) -> np.ndarray:
+        if self.batched:
+            out = self.session.run(None, {self.input_name: batch})[0]
+        else:
+            out = np.concatenate([self.session.run(None, {self.input_name: t[None]})[0] for t in batch])
+        if self.meta.output_kind == "logits":
+            out = out.argmax(axis=1)
+        return out.astype(np.int32, copy=False)
+
+    def execute(self, requests: list) -> list:
+        responses: list = [None] * len(requests)
+        tensors: dict[tuple, list] = {}  # input shape -> [(request index, preprocessed N x 3 x h x w)]
+        for i, request in enumerate(requests):
+            try:
+                frames = self._frames(request)
+                pre = np.concatenate([self.preprocess(f, self.meta) for f in frames]).astype(self.input_dtype,
+                                                                                           copy=False)
+            except ValueError as exc:
+                responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
+                continue
+            tensors.setdefault(pre.shape[1:], []).append((i, pre))
+        for group in tensors.values():
+            try:
+                labels = self._run(np.concatenate([pre for _, pre in group]))
+            except Exception as exc:  # ONNX Runtime's own error types: the requests fail, the server stays
+                message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                for i, _ in group:
+                    responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"inference failed: {message}"))
+                continue
+            start = 0
+            for i, pre in group:
+                part = labels[start:start + len(pre)]
+                start += len(pre)
+                out = part if self.has_batch_dim else part[0]
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(OUTPUT, out)])
+        return responses
