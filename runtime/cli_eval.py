@@ -11,6 +11,7 @@ examples:
   dilseg eval --model edge_m_int8_cpu.onnx --data ../shared/data/camvid --json int8.json
   dilseg eval --model runs/edge_m/best.safetensors --data ../shared/data/camvid   # PyTorch (needs torch)
   dilseg eval --model edge_m.engine --data ../shared/data/camvid --split val      # TensorRT
+  dilseg eval --model triton://127.0.0.1:8001/edge_m --data ../shared/data/camvid   # served by Triton
 
 DIR holds SPLIT/images + SPLIT/labels (or images/ + labels/), matched by file stem; labels are
 8-bit PNG class ids, the model's void value (CamVid: 11) is ignored. Each image goes through the
@@ -23,9 +24,10 @@ examples:
   dilseg verify edge_m.onnx edge_m_int8_cpu.onnx --data ../shared/data/camvid --max-miou-drop 1.0 --json v.json
   dilseg verify runs/edge_m/best.safetensors edge_m.engine --data ../shared/data/camvid
   dilseg verify edge_m.onnx edge_m_int8_trt.onnx --data my_frames/      # plain images: agreement only
+  dilseg verify edge_m.onnx triton://127.0.0.1:8001/edge_m --data ../shared/data/camvid --min-agreement 99.9
 
 REFERENCE and CANDIDATE are any pairing of .safetensors weights (PyTorch), .onnx and .engine
-files of the same classes. Weights run at the input size of the exported side. Reported: argmax
+files and triton:// served models of the same classes. Weights run at the input size of the exported side. Reported: argmax
 agreement (% of pixels with the same label), the candidate's per-class IoU against the
 reference's labels, and, where DIR has labels, each one's mIoU against the ground truth and the
 delta (candidate - reference, points). Exit status 1 when a threshold fails, 2 on bad input."""

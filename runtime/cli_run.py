@@ -27,6 +27,7 @@ examples:
   dilseg run --model edge_m.engine --source csi://0 --show      # Jetson, TensorRT engine
   dilseg run --model edge_m.onnx --backend tensorrt --fp16 --cuda-graph --source 0 --show   # engine built once, cached
   dilseg run --source test://320x240 --max-frames 300           # smoke test, no camera needed
+  dilseg run --model triton://gpu-box:8001/edge_m --source 0 --show   # served by Triton (dilseg export triton)
 
 {SOURCE_HELP}
 
@@ -47,6 +48,7 @@ examples:
   dilseg bench                                          # shipped model on test://480x360?live=0
   dilseg bench --model edge_m.onnx --source drive.mp4 --frames 300
   dilseg bench --model edge_m.engine --frames 500 --json bench.json
+  dilseg bench --model triton://127.0.0.1:8001/edge_m --shared-memory   # Triton on this machine, no socket copies
 
 It runs the whole pipeline (source -> preprocess -> infer -> postprocess -> render, no sink)
 for WARMUP + FRAMES frames, reporting per-stage p50/p95 latency and end-to-end FPS, then
@@ -102,7 +104,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _model_args(p: argparse.ArgumentParser) -> None:
     from .backends import backend_names
 
-    p.add_argument("--model", help="an .onnx, .engine/.plan or .safetensors (default: the shipped CamVid model)")
+    p.add_argument("--model", help="an .onnx, .engine/.plan or .safetensors, or a model served by Triton: "
+                                   "triton://HOST:PORT/MODEL[/VERSION] (gRPC), triton+http://... (default: the "
+                                   "shipped CamVid model)")
     p.add_argument("--backend", choices=backend_names(), default="auto",
                    help="auto: .onnx -> ONNX Runtime, .engine/.plan -> TensorRT, .safetensors -> PyTorch (default auto)")
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: cores, at most 8)")
@@ -115,6 +119,13 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--dla-core", type=int, metavar="N", help="when building from an .onnx: run on DLA core N "
                                                             "(GPU fallback), Jetson AGX Orin / Orin NX")
     t.add_argument("--rebuild", action="store_true", help="rebuild the cached engine of an .onnx even if it matches")
+    c = p.add_argument_group("Triton client (--model triton://HOST:PORT/MODEL, from `dilseg export triton`)")
+    c.add_argument("--timeout", type=float, metavar="S", help="seconds a request may take (default 10)")
+    c.add_argument("--reconnect", type=float, metavar="S",
+                   help="seconds to wait for a lost server to come back, resending the frame in flight (default 60; "
+                        "0: fail at once)")
+    c.add_argument("--shared-memory", action="store_true",
+                   help="send frames and get labels through system shared memory (server on this machine)")
 
 
 def _setup_logging() -> None:
@@ -123,13 +134,14 @@ def _setup_logging() -> None:
     logging.basicConfig(level=logging.WARNING, format="dilseg: %(message)s", stream=sys.stderr)
 
 
-def _open_backend(args: argparse.Namespace, model: Path):
+def _open_backend(args: argparse.Namespace, model: Path | str):
     """The backend for ``model`` with the options given on the command line; an option the chosen
     backend does not have is refused by the factory, whichever backend it is."""
     from .backends import open_backend
 
     given = {"threads": args.threads or None, "cuda_graph": args.cuda_graph or None, "fp16": args.fp16 or None,
-             "dla_core": args.dla_core, "rebuild": args.rebuild or None}
+             "dla_core": args.dla_core, "rebuild": args.rebuild or None, "timeout": args.timeout,
+             "reconnect": args.reconnect, "shared_memory": args.shared_memory or None}
     return open_backend(model, args.backend, **{k: v for k, v in given.items() if v is not None})
 
 
@@ -173,7 +185,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         view = ViewSettings(args.view, args.alpha, legend=args.legend)
         pipeline = Pipeline(source, Segmenter(backend), sinks, view=view, max_frames=args.max_frames, on_result=probe,
                             progress=not args.quiet)
-        print(f"dilseg run: {model.name} ({backend.name}) on {source.spec}"
+        print(f"dilseg run: {getattr(model, 'name', model)} ({backend.name}) on {source.spec}"
               f"{' (live)' if source.live else ''}; outputs: {', '.join(s.spec for s in sinks) or 'none'}",
               file=sys.stderr)
         stats = pipeline.run()

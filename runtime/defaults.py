@@ -19,8 +19,14 @@ def default_model_path() -> Path:
     return Path(dilseg.models.__file__).with_name(DEFAULT_MODEL_FILE)
 
 
-def resolve_model(arg: str | Path | None, flag: str = "--model") -> Path:
-    """The model a command runs: the file given (which must exist) or the shipped default."""
+def resolve_model(arg: str | Path | None, flag: str = "--model") -> Path | str:
+    """The model a command runs: the file given (which must exist), a model served by Triton
+    (``triton://HOST:PORT/MODEL``, returned as the string it is) or the shipped default."""
+    from .triton_url import is_triton_url, parse_triton_url
+
+    if is_triton_url(arg):
+        parse_triton_url(arg)  # a malformed URL fails here, before sources and sinks open
+        return arg
     if arg:
         path = Path(arg).expanduser()
         if not path.is_file():

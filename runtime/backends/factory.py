@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..artifact import ENGINE_SUFFIXES, ONNX_SUFFIX, WEIGHTS_SUFFIX, artifact_suffix
+from ..triton_url import is_triton_url
 from .base import Backend, BackendError, BackendOptions
 
 ENTRY_POINT_GROUP = "dilseg.backends"
@@ -23,6 +24,7 @@ ENTRY_POINT_GROUP = "dilseg.backends"
 BUILTIN = {
     "onnxruntime": "dilseg.runtime.backends.onnxruntime_backend:OnnxRuntimeBackend",
     "tensorrt": "dilseg.runtime.trt.runner:TensorRTBackend",
+    "triton": "dilseg.runtime.backends.triton_backend:TritonBackend",  # triton:// URLs, not files
 }
 
 # What ``auto`` runs each kind of artifact on. ONNX Runtime's provider list itself prefers its
@@ -108,11 +110,17 @@ def make_options(cls: type[Backend], path: Path, given: dict[str, Any]) -> Backe
 
 def open_backend(model: str | Path, backend: str = "auto", options: BackendOptions | None = None,
                  **kwargs: Any) -> Backend:
-    """The loaded backend for an artifact (``.onnx``, ``.engine``/``.plan``, ``.safetensors``).
+    """The loaded backend for an artifact (``.onnx``, ``.engine``/``.plan``, ``.safetensors``) or a
+    model served by Triton (``triton://HOST:PORT/MODEL``, ``triton+http://...``).
 
     ``backend``: ``auto`` (by suffix) or a name from ``backend_names()``. Options come either as
     the backend's options dataclass or as keywords (``threads=2``, ``cuda_graph=True``).
     """
+    if is_triton_url(model):
+        return _open_triton(str(model), backend, options, kwargs)
+    if backend == "triton":
+        raise BackendError(f"{model}: the Triton backend takes a served model, --model triton://HOST:PORT/MODEL "
+                           "(see `dilseg export triton`), not a file")
     path = Path(model)
     if not path.exists():
         raise BackendError(f"{path}: no such model file; pass an .onnx, .engine or .safetensors "
@@ -120,12 +128,28 @@ def open_backend(model: str | Path, backend: str = "auto", options: BackendOptio
     if path.is_dir():
         raise BackendError(f"{path}: is a folder, not a model file")
     cls = choose(path, backend)
+    return cls.open(path, _options(cls, path, options, kwargs)).load()
+
+
+def _options(cls: type[Backend], path: Path, options: BackendOptions | None, kwargs: dict[str, Any]) -> BackendOptions:
+    """The backend's options from an options object or keywords, checked against ``path``."""
     if options is not None and kwargs:
         raise BackendError("pass backend options either as an options object or as keywords, not both")
     if options is None:
-        options = make_options(cls, path, kwargs)
-    elif not isinstance(options, cls.Options):
+        return make_options(cls, path, kwargs)
+    if not isinstance(options, cls.Options):
         raise BackendError(f"the {cls.label} backend takes {cls.Options.__name__}, not {type(options).__name__}")
-    else:
-        options.check(path)
-    return cls.open(path, options).load()
+    options.check(path)
+    return options
+
+
+def _open_triton(url: str, backend: str, options: BackendOptions | None, kwargs: dict[str, Any]) -> Backend:
+    """A model served by Triton: the URL names it, so there is no file and no suffix to choose by."""
+    from ..triton_url import parse_triton_url
+
+    if backend not in ("auto", "triton"):
+        raise BackendError(f"{url}: a triton:// URL runs on the Triton backend, not {backend}; drop --backend "
+                           "or pass --backend triton")
+    target = parse_triton_url(url)
+    cls = backend_class("triton")
+    return cls.open(target, _options(cls, Path(target.model), options, kwargs)).load()
