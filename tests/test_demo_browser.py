@@ -332,3 +332,63 @@ def test_server_camera_is_shared_segmented_and_fast(server, browser, segmenter):
         page.close()
         if second is not None:
             second.close()
+
+
+def test_view_changes_hold_one_stream_per_tab_and_stop_closes_it(server, browser):
+    """Ten changes of view or alpha: the server holds one MJPEG stream for the tab (each change
+    is a new URL; the server ends the tab's previous stream), draws only the view shown, the
+    picture stays live, and after Stop no stream of the tab stays open."""
+    spec = "test://320x240?fps=15"
+    page = start_server_camera(browser, server, spec)
+    try:
+        def worker() -> dict:
+            return get_stats(server)["cameras"]["workers"].get(spec) or {}
+
+        def shown() -> int:
+            return sum(v["frames"] for v in worker().get("viewers", {}).values())
+
+        wait_for(lambda: shown() >= 5, 60, "MJPEG frames to reach the page")
+        sidebar = page.locator("section[data-testid='stSidebar']")
+        slider = sidebar.get_by_role("slider")
+        changes = [("view", "mask"), ("alpha", "0.55"), ("view", "side-by-side"), ("alpha", "0.60"),
+                   ("view", "overlay"), ("view", "mask"), ("alpha", "0.65"), ("view", "overlay"),
+                   ("alpha", "0.70"), ("view", "side-by-side")]
+        for what, value in changes:
+            if what == "view":
+                sidebar.get_by_text(value, exact=True).click()
+            else:
+                slider.focus()
+                slider.press("ArrowRight")  # one 0.05 step
+            page.wait_for_function(
+                "(s) => (document.querySelector('img#dilseg-stream')?.src || '').includes(s)",
+                arg=f"{what}={value}", timeout=30_000)
+        assert "view=side-by-side" in page.evaluate("document.querySelector('img#dilseg-stream').src")
+
+        def one_stream():
+            w = worker()
+            viewers = [v for v in w.get("viewers", {}).values() if v["streams"]]
+            return w.get("connections") == 1 and len(viewers) == 1 and viewers[0]["streams"] == 1 and w["views"] == 1
+        wait_for(one_stream, 20, "the server to hold one stream for the tab")
+        # Still live after the changes: new frames arrive and the picture moves.
+        def grab() -> np.ndarray:
+            got = []
+            wait_for(lambda: got.append(decode_data_url(page.evaluate(GRAB, "img#dilseg-stream"))) or
+                     got[-1] is not None, 20, "the page's picture to be drawn")
+            return got[-1]
+
+        before = shown()
+        first = grab()
+        time.sleep(1.5)
+        second = grab()
+        assert shown() > before + 5, "the stream stopped delivering frames after the view changes"
+        assert first.shape == second.shape == (240, 640, 3)  # side by side
+        assert mean_diff(first, second) > 0.5, "the picture in the page did not change"
+        page.screenshot(path=str(ARTIFACTS / "demo_browser_view_changes.png"), full_page=True)
+        stats = worker()
+        print(f"\nafter {len(changes)} view changes: {stats['connections']} open stream(s), {stats['views']} view(s) "
+              f"drawn, render {stats['latency_ms'].get('render', 0):.1f} ms")
+
+        page.get_by_role("button", name="Stop").click()
+        wait_for(lambda: worker().get("connections", 0) == 0, 15, "Stop to close the tab's stream")
+    finally:
+        page.close()
