@@ -290,7 +290,11 @@ def quantize_int8(proto: onnx.ModelProto, meta: ModelMeta, reader: ImageReader, 
     try:
         with tempfile.TemporaryDirectory(prefix="dilseg-int8-") as tmp:
             pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
-            quant_pre_process(proto, str(pre), skip_symbolic_shape=True)
+            # From a file, not a ModelProto: given a proto, ONNX Runtime 1.32 moves its weights into
+            # an external-data file its own optimiser then cannot read (Reshape shapes, for one).
+            src = Path(tmp) / "fp32.onnx"
+            onnx.save(proto, str(src))
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
             exclude = label_nodes(onnx.load(str(pre)))
             reader.rewind()
             with contextlib.redirect_stdout(io.StringIO()):  # the calibrator print()s its progress
