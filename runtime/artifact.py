@@ -48,10 +48,9 @@ def session_meta(path: str | Path, sess) -> ModelMeta:
     """The dilseg metadata of an ONNX Runtime session's model, checked against its outputs."""
     props = sess.get_modelmeta().custom_metadata_map
     if METADATA_KEY not in props:
-        raise MetadataError(
-            f"{path}: this ONNX has no dilseg metadata, so its classes, input size and normalisation are unknown; "
-            "export it with `dilseg export onnx` (segmentation models only)"
-        )
+        from .import_hint import import_advice
+
+        raise MetadataError(import_advice(path, sess))
     meta = ModelMeta.from_json(props[METADATA_KEY])
     check_onnx_io(Path(path), sess, meta)
     return meta
