@@ -54,3 +54,24 @@ def test_the_readme_example_runs_on_a_street_frame(tmp_path):
     # A street: road and building are found and printed with their share of the picture.
     assert "'Road':" in run.stdout and "'Building':" in run.stdout
     assert "frames in 1, out 1" in run.stdout
+
+
+def test_segmenter_face_on_a_small_model(small_onnx, tmp_path):
+    from dilseg.runtime import DilsegError, ViewSettings, open_segmenter
+    from dilseg.runtime.postprocess import render
+    from dilseg.runtime.sources import test_frame
+
+    frame = test_frame(5, 160, 120)
+    with open_segmenter(small_onnx, threads=1) as seg:
+        result = seg.process(frame)
+        assert result.frame is frame and result.labels.shape == (120, 160)
+        assert {"preprocess", "infer", "postprocess"} <= set(result.timings)
+        np.testing.assert_array_equal(result.labels, seg(frame).labels)
+        for view in (ViewSettings(), ViewSettings("mask", visible=(0, 3)), ViewSettings("side-by-side", 0.8, legend=True)):
+            np.testing.assert_array_equal(seg.render(result, view),
+                                          render(frame, result.labels, seg.meta, view.view, view.alpha,
+                                                 view.visible_list, view.legend))
+    with pytest.raises(DilsegError, match="no such model file"):
+        open_segmenter(tmp_path / "missing.onnx")
+    with pytest.raises(ValueError, match="view must be one of"):
+        ViewSettings("sepia")

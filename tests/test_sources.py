@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from dilseg.runtime.sources import (LiveSource, NewestFrame, Source, SourceError, SyntheticSource, has_gstreamer,
+from dilseg.runtime.sources import (LiveSource, NewestFrame, PushSource, Source, SourceError, SyntheticSource, has_gstreamer,
                                     open_source, test_frame)
 
 
@@ -339,3 +339,45 @@ def test_newest_frame_ends_with_its_source_and_passes_errors_on() -> None:
 
     with pytest.raises(RuntimeError, match="device unplugged"):
         NewestFrame(Broken()).read()
+
+
+def test_a_file_played_as_a_camera_loops_at_its_frame_rate(tmp_path: Path, write_video) -> None:
+    path = write_video(tmp_path / "clip.avi", _frames(3), fps=40, fourcc="MJPG")
+    src = open_source(str(path), loop=True)
+    assert src.live and src.fps == pytest.approx(40)
+    t0 = time.monotonic()
+    names = []
+    for _ in range(9):
+        assert src.read() is not None
+        names.append(src.name)
+    elapsed = time.monotonic() - t0
+    src.close()
+    assert names == ["000000", "000001", "000002"] * 3 and src.index == 8 and src.loops == 2
+    assert 0.17 <= elapsed < 2.0  # 8 intervals of 25 ms: paced like a camera, not read flat out
+
+
+def test_a_folder_played_as_a_camera_counts_corrupt_images_over_its_loops(tmp_path: Path) -> None:
+    for i in range(2):
+        cv2.imwrite(str(tmp_path / f"f{i}.png"), test_frame(i, 32, 24))
+    (tmp_path / "f1b.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    src = open_source(str(tmp_path), loop=True, fps=200)
+    assert [(src.read() is not None, src.name) for _ in range(5)] == [(True, "f0"), (True, "f1"), (True, "f0"),
+                                                                      (True, "f1"), (True, "f0")]
+    assert src.corrupt_frames == 2 and isinstance(src.corrupt_frames, int)
+    src.close()
+    assert open_source("test://", loop=True).live  # a live source is left as it is
+
+
+def test_push_source_hands_over_the_newest_and_ends_when_the_producer_goes() -> None:
+    src = PushSource(convert=lambda i: test_frame(i, 32, 24), idle_s=0.3)
+    for i in range(5):
+        assert src.push(i)
+    np.testing.assert_array_equal(src.read(), test_frame(4, 32, 24))  # the newest, converted by the reader
+    assert src.dropped == 4 and src.name == "000000"
+    t0 = time.monotonic()
+    assert src.read() is None and 0.25 < time.monotonic() - t0 < 2.0  # nothing pushed for idle_s
+    assert src.ended and not src.push(5)
+    closed = PushSource()
+    closed.push(test_frame(0, 32, 24))
+    closed.close()
+    assert closed.read() is None  # a pending frame does not come out after close()
