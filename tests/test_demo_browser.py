@@ -21,6 +21,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from functools import partial
 from pathlib import Path
 
 import cv2
@@ -245,19 +246,24 @@ def start_server_camera(browser, server: str, spec: str):
     return page
 
 
+def worker_stats(server: str, spec: str) -> dict:
+    """The stats.json entry of the shared worker for ``spec`` ({} when none runs)."""
+    return get_stats(server)["cameras"]["workers"].get(spec) or {}
+
+
+def frames_shown(server: str, spec: str) -> int:
+    """MJPEG frames sent to every viewer of ``spec`` so far."""
+    return sum(v["frames"] for v in worker_stats(server, spec).get("viewers", {}).values())
+
+
 def test_server_camera_is_shared_segmented_and_fast(server, browser, segmenter):
     from dilseg.runtime.sources import test_frame
 
     spec = "test://640x480?fps=30"
     page = start_server_camera(browser, server, spec)
     second = None
+    worker, viewers_frames = partial(worker_stats, server, spec), partial(frames_shown, server, spec)
     try:
-        def worker() -> dict:
-            return get_stats(server)["cameras"]["workers"].get(spec) or {}
-
-        def viewers_frames() -> int:
-            return sum(v["frames"] for v in worker().get("viewers", {}).values())
-
         wait_for(lambda: viewers_frames() >= 30, 60, "MJPEG frames to reach the page")
 
         # Displayed frame rate: frames sent to this tab's stream over a few seconds, next to
@@ -340,13 +346,8 @@ def test_view_changes_hold_one_stream_per_tab_and_stop_closes_it(server, browser
     picture stays live, and after Stop no stream of the tab stays open."""
     spec = "test://320x240?fps=15"
     page = start_server_camera(browser, server, spec)
+    worker, shown = partial(worker_stats, server, spec), partial(frames_shown, server, spec)
     try:
-        def worker() -> dict:
-            return get_stats(server)["cameras"]["workers"].get(spec) or {}
-
-        def shown() -> int:
-            return sum(v["frames"] for v in worker().get("viewers", {}).values())
-
         wait_for(lambda: shown() >= 5, 60, "MJPEG frames to reach the page")
         sidebar = page.locator("section[data-testid='stSidebar']")
         slider = sidebar.get_by_role("slider")

@@ -45,7 +45,6 @@ def test_the_readme_example_runs_on_a_street_frame(tmp_path):
     with open_segmenter() as seg:
         result = seg.process(frame)
         want = seg.render(result, ViewSettings(view="overlay", alpha=0.5))
-        classes = seg.meta.classes
     overlay = cv2.imread(str(tmp_path / "street_overlay.jpg"), cv2.IMREAD_COLOR)
     assert overlay.shape == frame.shape
     assert np.abs(overlay.astype(int) - want.astype(int)).mean() < 3  # JPEG-encoded by the example
