@@ -63,10 +63,7 @@ class TorchBackend(Backend):
     artifacts = ".safetensors weights from `dilseg train`"
     selection_hint = "pass .safetensors weights (they run on PyTorch)"
     Options = TorchOptions
-
-    def __init__(self, path: str | Path, options: TorchOptions | None = None, **kwargs) -> None:
-        super().__init__(path, options if options is not None or not kwargs else TorchOptions(**kwargs))
-        self.model: torch.nn.Module | None = None
+    model: torch.nn.Module | None = None
 
     def load_impl(self) -> None:
         if not self.path.is_file():

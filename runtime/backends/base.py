@@ -9,7 +9,9 @@ Picking a backend for an artifact is not done here but in ``factory.py``.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+import functools
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -50,6 +52,26 @@ class BackendOptions:
         return {k: v for k, v in vars(self).items() if getattr(default, k) != v}
 
 
+@dataclass
+class InferCounts:
+    """What went through ``Backend.infer``: calls, the frames in them, the largest batch. A batch
+    of four frames is one call and four items, so whether batching happens shows here."""
+
+    calls: int = 0
+    items: int = 0
+    largest_batch: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, batch: int) -> None:
+        with self._lock:
+            self.calls += 1
+            self.items += batch
+            self.largest_batch = max(self.largest_batch, batch)
+
+    def to_dict(self) -> dict:
+        return {"calls": self.calls, "items": self.items, "largest_batch": self.largest_batch}
+
+
 class Backend(abc.ABC):
     """Runs one artifact. ``meta`` is the artifact's metadata, known once loaded.
 
@@ -65,9 +87,12 @@ class Backend(abc.ABC):
     Options: ClassVar[type[BackendOptions]] = BackendOptions
     capabilities: ClassVar[Capabilities] = Capabilities()
 
-    def __init__(self, path: str | Path, options: BackendOptions | None = None) -> None:
+    def __init__(self, path: str | Path, options: BackendOptions | None = None, **keywords) -> None:
+        """``options``: the backend's options dataclass; or keywords for it (``threads=2``)."""
         self.path = Path(path)
-        self.options = options if options is not None else self.Options()
+        if options is not None and keywords:
+            raise BackendError("pass backend options either as an options object or as keywords, not both")
+        self.options = options if options is not None else self.Options(**keywords)
         if not isinstance(self.options, self.Options):
             raise BackendError(f"the {self.label} backend takes {self.Options.__name__}, not "
                                f"{type(self.options).__name__}")
@@ -99,7 +124,19 @@ class Backend(abc.ABC):
 
     def infer(self, tensor: np.ndarray) -> np.ndarray:
         self.require_loaded()
-        return self.infer_impl(tensor)
+        output = self.infer_impl(tensor)
+        self.counts.add(int(tensor.shape[0]) if tensor.ndim == 4 else 1)
+        return output
+
+    @functools.cached_property
+    def counts(self) -> InferCounts:
+        """Calls and frames through ``infer`` since the backend was made."""
+        return InferCounts()
+
+    def batch_range(self) -> tuple[int, int | None]:
+        """The batch sizes ``infer`` takes: (smallest, largest), largest None for any size. The
+        default suits an artifact fixed at one frame: several streams then run one at a time."""
+        return (1, 1)
 
     def close(self) -> None:
         """Release everything; safe to call twice."""

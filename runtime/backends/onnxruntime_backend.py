@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -67,11 +66,7 @@ class OnnxRuntimeBackend(Backend):
     artifacts = ".onnx models"
     selection_hint = "add --backend onnxruntime and pass an .onnx"
     Options = OnnxRuntimeOptions
-
-    def __init__(self, path: str | Path, options: OnnxRuntimeOptions | None = None, **kwargs) -> None:
-        # OnnxRuntimeBackend(path, threads=2) reads as well as the factory's typed options.
-        super().__init__(path, options if options is not None or not kwargs else OnnxRuntimeOptions(**kwargs))
-        self.session: ort.InferenceSession | None = None
+    session: ort.InferenceSession | None = None
 
     @property
     def threads(self) -> int:
@@ -99,6 +94,12 @@ class OnnxRuntimeBackend(Backend):
             raise BackendError(f"{self.path}: expected one NCHW image input, found {[(i.name, i.shape) for i in inputs]}")
         self.input_name = inputs[0].name
         self.input_dtype = np.float16 if inputs[0].type == "tensor(float16)" else np.float32
+
+    def batch_range(self) -> tuple[int, int | None]:
+        """Any batch when the graph's first axis is free, else exactly the batch it is fixed at."""
+        self.require_loaded()
+        batch = self.session.get_inputs()[0].shape[0]
+        return (batch, batch) if isinstance(batch, int) and batch > 0 else (1, None)
 
     @property
     def providers(self) -> list[str]:

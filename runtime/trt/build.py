@@ -32,6 +32,9 @@ from .deps import import_tensorrt, make_logger
 # Used for a dynamic ONNX when no --min/--opt/--max is given: CamVid's 360x480 as the shape
 # TensorRT tunes for, from a 256x320 thumbnail up to 720p.
 DEFAULT_DYNAMIC_PROFILE = ("1x3x256x320", "1x3x360x480", "1x3x720x1280")
+# Used for an ONNX whose only free axis is the batch (`dilseg export onnx --batch dynamic`):
+# one to eight frames per inference (several streams batched), tuned for four.
+DEFAULT_BATCH_PROFILE = (1, 4, 8)
 OUTPUT_STRIDE = 8  # the models' output stride: H and W must be multiples of it
 
 
@@ -95,6 +98,9 @@ def resolve_profile(input_name: str, input_dims: list, min_s: str | None = None,
     used_default = False
     if not given:
         min_s, opt_s, max_s = DEFAULT_DYNAMIC_PROFILE
+        if dynamic == [0]:
+            fixed = "x".join(str(int(d)) for d in input_dims[1:])
+            min_s, opt_s, max_s = (f"{b}x{fixed}" for b in DEFAULT_BATCH_PROFILE)
         used_default = True
     elif len(given) == 1 and "--opt" not in given:
         raise BuildError(f"{next(iter(given))} alone is not a profile: give --min, --opt and --max "
@@ -233,8 +239,10 @@ def asymmetric_qdq(path: Path) -> str | None:
     return None
 
 
-@dataclass
+@dataclass(frozen=True)
 class BuildOptions:
+    """How an engine is built (`dilseg build`'s options)."""
+
     fp16: bool = False
     min_shape: str | None = None
     opt_shape: str | None = None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -25,7 +25,6 @@ import numpy as np
 
 from ..artifact import ENGINE_SUFFIXES, ONNX_SUFFIX, is_engine
 from ..backends.base import Backend, BackendError, BackendOptions, Capabilities
-from ..defaults import TRT_WORKSPACE_MIB
 from .build import BuildOptions
 from .cache import EngineError
 from .compat import detect
@@ -35,26 +34,14 @@ from .loaders import EngineFromFile, EngineFromOnnx, LoadedEngine
 
 MAX_SHAPES = 4  # buffer sets kept for a dynamic engine (one per input shape seen recently)
 
-# Options that only shape a build: meaningless for an engine that is built already.
-BUILD_OPTIONS = ("engine", "fp16", "min_shape", "opt_shape", "max_shape", "workspace_mib", "timing_cache", "dla_core",
-                 "rebuild")
-
-
 @dataclass(frozen=True)
-class TensorRTOptions(BackendOptions):
-    device: int = 0  # CUDA device index
+class TensorRTOptions(BuildOptions, BackendOptions):
+    """The runner's own options, plus the build options (as `dilseg build`'s) that apply when an
+    .onnx is run: how its engine is built and cached."""
+
     cuda_graph: bool = False  # capture copy-in, inference and copy-out per input shape and replay it
-    # The rest apply when an .onnx is run: how its engine is built and cached (as `dilseg build`).
-    engine: str | Path | None = None  # where to cache the engine (default: beside the ONNX)
-    fp16: bool = False
-    min_shape: str | None = None
-    opt_shape: str | None = None
-    max_shape: str | None = None
-    workspace_mib: int = TRT_WORKSPACE_MIB
-    timing_cache: str | None = None
-    dla_core: int | None = None
+    engine: str | Path | None = None  # where to cache the engine of an .onnx (default: beside it)
     rebuild: bool = False  # build even when the cached engine matches
-    progress: bool = True  # progress bars while building
     log: Callable[[str], None] | None = None  # where messages go (default: stderr)
 
     def __post_init__(self) -> None:
@@ -65,16 +52,16 @@ class TensorRTOptions(BackendOptions):
 
     def check(self, path: Path) -> None:
         if is_engine(path):
-            given = [k for k in BUILD_OPTIONS if k in self.given()]
+            # Everything but the device and the progress bars only shapes a build.
+            build_only = [f.name for f in fields(BuildOptions) if f.name not in ("device", "progress")]
+            given = [k for k in (*build_only, "engine", "rebuild") if k in self.given()]
             if given:
                 flags = ", ".join("--" + k.replace("_", "-") for k in given)
                 raise BackendError(f"{flags}: build option(s), but {path.name} is built already (`dilseg info` shows "
                                    "how); pass the .onnx to build with them, or use `dilseg build`")
 
     def build_options(self) -> BuildOptions:
-        return BuildOptions(fp16=self.fp16, min_shape=self.min_shape, opt_shape=self.opt_shape, max_shape=self.max_shape,
-                            workspace_mib=self.workspace_mib, timing_cache=self.timing_cache, dla_core=self.dla_core,
-                            progress=self.progress, device=self.device)
+        return BuildOptions(**{f.name: getattr(self, f.name) for f in fields(BuildOptions)})
 
 
 @dataclass
@@ -203,6 +190,12 @@ class TensorRTBackend(Backend):
         self.dynamic = any(d < 0 for d in shape)
         self.profile = tuple(tuple(int(d) for d in s) for s in e.get_tensor_profile_shape(self.input_name, 0)) \
             if self.dynamic else (shape, shape, shape)
+
+    def batch_range(self) -> tuple[int, int | None]:
+        """The batch axis of the engine's shape profile (`dilseg build --min/--max`)."""
+        self.require_loaded()
+        lo, _, hi = self.profile
+        return (lo[0], hi[0])
 
     # -- buffers ---------------------------------------------------------------------------
 
