@@ -49,6 +49,22 @@ def test_wheel_holds_every_module_and_the_shipped_model(wheel: Path) -> None:
         "generic top-level packages leaked into the wheel"
 
 
+def test_wheel_declares_the_plugins_the_runtime_discovers(wheel: Path) -> None:
+    # The runtime never imports the export side or the demo by name: their commands and the
+    # PyTorch backend reach it through entry points, which must be in the wheel and resolve.
+    import configparser
+
+    zf = zipfile.ZipFile(wheel)
+    (ep_file,) = [n for n in zf.namelist() if n.endswith(".dist-info/entry_points.txt")]
+    eps = configparser.ConfigParser()
+    eps.read_string(zf.read(ep_file).decode())
+    assert {"export", "demo"} <= set(eps["dilseg.commands"]) and set(eps["dilseg.backends"]) == {"pytorch"}
+    for group in ("dilseg.commands", "dilseg.backends"):
+        for target in eps[group].values():
+            module = target.split(":")[0]
+            assert module.replace(".", "/") + ".py" in zf.namelist(), f"{group}: {target} is not in the wheel"
+
+
 def test_installed_wheel_runs_info_on_the_default_model(wheel: Path, tmp_path: Path) -> None:
     target = tmp_path / "site"
     proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
