@@ -15,6 +15,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from dilseg.runtime.dataset import IMAGE_SUFFIXES
 from dilseg.runtime.errors import DilsegError
 from dilseg.runtime.pipeline import Pipeline
 from dilseg.runtime.postprocess import class_areas, colorize, palette_bgr
@@ -23,7 +24,7 @@ from dilseg.runtime.sinks import Sink
 from dilseg.runtime.sources import SourceError, VideoFileSource
 from dilseg.runtime.view import ViewSettings
 
-IMAGE_TYPES = ["png", "jpg", "jpeg", "bmp", "tif", "tiff", "webp"]
+IMAGE_TYPES = [s.lstrip(".") for s in IMAGE_SUFFIXES]  # what the upload widget accepts: what OpenCV decodes
 VIDEO_TYPES = ["mp4", "avi", "mov", "mkv", "webm", "m4v", "mpg", "mpeg"]
 
 
