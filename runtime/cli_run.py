@@ -25,6 +25,7 @@ examples:
   dilseg run --source frames/ --labels masks/ --overlays viz/   # a folder, masks named after the images
   dilseg run --source rtsp://cam.local/stream --show --view side-by-side
   dilseg run --model edge_m.engine --source csi://0 --show      # Jetson, TensorRT engine
+  dilseg run --model runs/edge_m/best.safetensors --source drive.mp4 --output seg.mp4   # PyTorch (needs torch)
   dilseg run --model edge_m.onnx --backend tensorrt --fp16 --cuda-graph --source 0 --show   # engine built once, cached
   dilseg run --source test://320x240 --max-frames 300           # smoke test, no camera needed
   dilseg run --model triton://gpu-box:8001/edge_m --source 0 --show   # served by Triton (dilseg export triton)
@@ -48,6 +49,7 @@ examples:
   dilseg bench                                          # shipped model on test://480x360?live=0
   dilseg bench --model edge_m.onnx --source drive.mp4 --frames 300
   dilseg bench --model edge_m.engine --frames 500 --json bench.json
+  dilseg bench --model runs/edge_m/best.safetensors     # the trained weights on PyTorch, same pipeline
   dilseg bench --model triton://127.0.0.1:8001/edge_m --shared-memory   # Triton on this machine, no socket copies
 
 It runs the whole pipeline (source -> preprocess -> infer -> postprocess -> render, no sink)
