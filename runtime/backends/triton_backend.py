@@ -208,9 +208,13 @@ class _SharedMemory:
             self._drop(client, role)
 
 
+def _first_line(text: str) -> str:
+    return (str(text).strip().splitlines() or [""])[0][:300]
+
+
 def _reason(exc: BaseException) -> str:
     msg = exc.message() if hasattr(exc, "message") and callable(exc.message) else str(exc)
-    return (str(msg or type(exc).__name__).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return _first_line(msg or type(exc).__name__) or type(exc).__name__
 
 
 # Errors that mean the server (or the model on it) went away, as a restart looks from the client.
@@ -317,8 +321,9 @@ class TritonBackend(Backend):
             have = sorted(m.get("version", "?") for m in mine)
             return TritonModelError(f"{self.url}: model {self.url.model!r} has no version {self.url.version} "
                                     f"(versions: {', '.join(have)})")
-        state = "; ".join(f"version {m.get('version', '?')}: {m.get('state', 'unknown')}"
-                          + (f" ({m['reason']})" if m.get("reason") else "") for m in mine)
+        # An entry without a state is a model the server has seen in its repository but never loaded.
+        state = "; ".join((f"version {m['version']}: " if m.get("version") else "") + m.get("state", "not loaded")
+                          + (f" ({_first_line(m['reason'])})" if m.get("reason") else "") for m in mine)
         return TritonModelError(f"{self.url}: model {self.url.model!r} is not ready ({state}); load it (tritonserver "
                                 "--model-control-mode=explicit --load-model=NAME, or POST /v2/repository/models/NAME/"
                                 "load) or see tritonserver's log for why it failed")

@@ -1,0 +1,358 @@
+"""`dilseg export triton` and the Triton client backend, against a real tritonserver on 127.0.0.1.
+
+The repository tests parse every written config.pbtxt with protobuf's text_format into Triton's
+own ModelConfig (tritonclient.grpc.model_config_pb2). The client tests share one server per
+module (tritonserver 2.51 from nvidia-pytriton, Python backend, in the Debian-python venv) that
+serves the shipped model through the Python-backend repository `dilseg export triton` writes,
+plus copies of it whose config parameters disagree with the model, and one left unloaded.
+TensorRT plans cannot be built here (no GPU): their config and build script are checked, and the
+.engine path is fed an engine's sidecar as `dilseg build` writes it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+from dilseg.runtime.artifact import read_meta
+from dilseg.runtime.backends import open_backend
+from dilseg.runtime.backends.triton_backend import (TritonBackend, TritonMismatch, TritonModelError, TritonTimeout,
+                                                    TritonUnavailable)
+from dilseg.runtime.cli import main
+from dilseg.runtime.defaults import default_model_path
+from dilseg.runtime.metadata import METADATA_KEY, ModelMeta
+from dilseg.runtime.segmenter import Segmenter
+from precision_helpers import CAMVID, needs_camvid
+from servers import REPO, TritonServer, free_port, triton_missing, unavailable
+
+MODEL = default_model_path()
+NAME = "edge_m"
+
+
+def parse_config(path: Path) -> mc.ModelConfig:
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def export(*args: str) -> int:
+    return main(["export", "triton", *map(str, args)])
+
+
+def val_frames(n: int) -> list[np.ndarray]:
+    paths = sorted((CAMVID / "val" / "images").glob("*.png"))[:n] or sorted((CAMVID / "val" / "images").iterdir())[:n]
+    return [cv2.imread(str(p)) for p in paths]
+
+
+# -- the repository writer (no server) ---------------------------------------------------------
+
+def test_onnxruntime_platform_config_follows_tritons_schema_and_carries_the_metadata(tmp_path, capsys):
+    assert export(MODEL, "-o", tmp_path / "repo", "--max-batch-size", "4", "--queue-delay-us", "500",
+                  "--instances", "2", "--threads", "1") == 0
+    assert "dynamic batching up to 4" in capsys.readouterr().out
+    folder = tmp_path / "repo" / NAME
+    cfg = parse_config(folder / "config.pbtxt")
+    assert cfg.name == NAME and cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 4
+    assert [(i.name, mc.DataType.Name(i.data_type), list(i.dims)) for i in cfg.input] == \
+        [("input", "TYPE_FP32", [3, 360, 480])]
+    assert [(o.name, mc.DataType.Name(o.data_type), list(o.dims)) for o in cfg.output] == \
+        [("labels", "TYPE_INT32", [360, 480])]
+    assert list(cfg.dynamic_batching.preferred_batch_size) == [2, 4]
+    assert cfg.dynamic_batching.max_queue_delay_microseconds == 500
+    assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU and cfg.instance_group[0].count == 2
+    assert cfg.parameters["intra_op_thread_count"].string_value == "1"
+    assert cfg.parameters["dilseg_input"].string_value == "tensor"
+    assert ModelMeta.from_json(cfg.parameters[METADATA_KEY].string_value) == read_meta(MODEL)
+    assert sorted(p.name for p in folder.rglob("*") if p.is_file()) == ["config.pbtxt", "model.onnx"]
+
+
+@needs_camvid
+def test_served_onnx_has_a_free_batch_axis_and_batches_real_frames_as_single_runs(tmp_path):
+    import onnxruntime as ort
+
+    from dilseg.runtime.preprocess import preprocess
+
+    export(MODEL, "-o", tmp_path / "repo")
+    served = ort.InferenceSession(str(tmp_path / "repo" / NAME / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert isinstance(served.get_inputs()[0].shape[0], str)
+    meta = read_meta(MODEL)
+    batch = np.concatenate([preprocess(f, meta) for f in val_frames(3)])
+    together = served.run(None, {"input": batch})[0]
+    with open_backend(MODEL) as alone:
+        for i in range(3):
+            assert (together[i] == alone.infer(batch[i:i + 1])[0]).mean() >= 0.999
+
+
+def test_python_platform_takes_frames_and_ships_model_py(tmp_path):
+    assert export(MODEL, "-o", tmp_path / "repo", "--platform", "python", "--name", "cam") == 0
+    folder = tmp_path / "repo" / "cam"
+    cfg = parse_config(folder / "config.pbtxt")
+    assert cfg.backend == "python" and not cfg.platform and cfg.name == "cam"
+    assert [(i.name, mc.DataType.Name(i.data_type), list(i.dims)) for i in cfg.input] == \
+        [("FRAME", "TYPE_UINT8", [-1, -1, 3])]
+    assert cfg.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert cfg.parameters["dilseg_input"].string_value == "frame"
+    assert (folder / "1" / "model.py").read_text() == (REPO / "export" / "triton_python_model.py").read_text()
+    assert (folder / "1" / "model.onnx").is_file()
+
+
+def test_tensorrt_plan_from_onnx_writes_the_config_and_a_build_script(tmp_path):
+    assert export(MODEL, "-o", tmp_path / "repo", "--platform", "tensorrt_plan") == 0
+    folder = tmp_path / "repo" / NAME
+    cfg = parse_config(folder / "config.pbtxt")
+    assert cfg.platform == "tensorrt_plan" and cfg.default_model_filename == "model.plan" and cfg.max_batch_size == 8
+    script = (folder / "build_plan.sh").read_text()
+    assert os.access(folder / "build_plan.sh", os.X_OK)
+    assert subprocess.run(["bash", "-n", str(folder / "build_plan.sh")]).returncode == 0
+    assert "--minShapes=input:1x3x360x480" in script and "--maxShapes=input:8x3x360x480" in script
+    assert 'saveEngine="$here/1/model.plan.part"' in script
+    assert (folder / "model.onnx").is_file() and not (folder / "1").exists()  # the plan is built on the GPU
+
+
+def test_tensorrt_plan_from_an_engine_reads_its_sidecar(tmp_path):
+    from dilseg.runtime.trt.cache import make_sidecar
+
+    meta = read_meta(MODEL)
+    engine = tmp_path / "edge_m.engine"
+    engine.write_bytes(b"engine bytes as dilseg build writes them")
+    io = [{"name": "input", "mode": "input", "dtype": "float", "shape": [-1, 3, 360, 480]},
+          {"name": "labels", "mode": "output", "dtype": "int32", "shape": [-1, 360, 480]}]
+    side = make_sidecar(meta, tensorrt_version="10.3.0", gpu_name="Orin", compute_capability="8.7", precision="fp16",
+                        profile={"input": "input", "min": [1, 3, 360, 480], "opt": [2, 3, 360, 480],
+                                 "max": [4, 3, 360, 480]}, onnx_sha256="0", engine_sha256="0", engine_size=40, io=io)
+    (tmp_path / "edge_m.engine.json").write_text(json.dumps(side))
+    assert main(["export", "triton", str(engine), "-o", str(tmp_path / "repo"), "--platform", "tensorrt_plan"]) == 2
+    assert not (tmp_path / "repo" / NAME).exists()  # batch 8 > the profile's 4: refused, nothing written
+    assert export(engine, "-o", tmp_path / "repo", "--platform", "tensorrt_plan", "--max-batch-size", "4") == 0
+    cfg = parse_config(tmp_path / "repo" / NAME / "config.pbtxt")
+    assert [list(i.dims) for i in cfg.input] == [[3, 360, 480]] and cfg.max_batch_size == 4
+    assert (tmp_path / "repo" / NAME / "1" / "model.plan").read_bytes() == engine.read_bytes()
+
+
+def test_bad_requests_are_one_line_errors_and_leave_the_repository_as_it_was(tmp_path, capsys):
+    repo = tmp_path / "repo"
+    assert export(MODEL, "-o", repo) == 0
+    before = (repo / NAME / "config.pbtxt").read_text()
+    capsys.readouterr()
+    cases = [
+        ([MODEL, "-o", repo], "already exists; pass --overwrite"),
+        ([MODEL, "-o", repo, "--name", "b", "--preferred-batch-size", "16"], "must be within 1..--max-batch-size"),
+        ([MODEL, "-o", repo, "--name", "b", "--max-batch-size", "-1"], "must be a whole number >= 0"),
+        ([tmp_path / "missing.onnx", "-o", repo], "no such file"),
+        ([repo / NAME / "config.pbtxt", "-o", repo, "--name", "b"], "not a dilseg .onnx"),
+    ]
+    for args, message in cases:
+        assert export(*args) == 2, args
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in repo.iterdir()) == [NAME]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging folder left behind
+    assert export(MODEL, "-o", repo, "--overwrite", "--max-batch-size", "2") == 0
+    assert (repo / NAME / "config.pbtxt").read_text() != before
+    assert parse_config(repo / NAME / "config.pbtxt").max_batch_size == 2
+
+
+def test_check_config_refuses_what_triton_would(tmp_path):
+    from dilseg.export.triton_repo import TritonRepoError, check_config
+
+    export(MODEL, "-o", tmp_path / "repo")
+    good = (tmp_path / "repo" / NAME / "config.pbtxt").read_text()
+    assert check_config(good, folder_name=NAME).max_batch_size == 8
+    bad = {
+        "max_batch_size: 8\nnot_a_field: 1\n" + good: "not a valid Triton model config",
+        good.replace("max_batch_size: 8", "max_batch_size: 0"): "dynamic_batching needs max_batch_size > 0",
+        good.replace("preferred_batch_size: 8", "preferred_batch_size: 9"): "preferred_batch_size 9",
+        good.replace('key: "dilseg"', 'key: "other"'): "parameters lack 'dilseg'",
+        good.replace("dims: 360", "dims: 0", 1): "dims",
+    }
+    for text, message in bad.items():
+        with pytest.raises(TritonRepoError, match=message):
+            check_config(text, "x/config.pbtxt", folder_name=NAME)
+    with pytest.raises(TritonRepoError, match="differs from its folder"):
+        check_config(good, folder_name="other")
+
+
+# -- a real tritonserver --------------------------------------------------------------------------
+
+def tamper(repo: Path, name: str, change) -> None:
+    """A copy of the edge_m model under ``name`` whose config's dilseg metadata ``change`` edits."""
+    shutil.copytree(repo / NAME, repo / name)
+    cfg = parse_config(repo / name / "config.pbtxt")
+    cfg.name = name
+    meta = json.loads(cfg.parameters[METADATA_KEY].string_value)
+    change(meta)
+    cfg.parameters[METADATA_KEY].string_value = json.dumps(meta)
+    (repo / name / "config.pbtxt").write_text(text_format.MessageToString(cfg))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, sysvenv):
+    reason = triton_missing(sysvenv)
+    if reason:
+        unavailable(reason)
+    repo = tmp_path_factory.mktemp("triton") / "repo"
+    assert export(MODEL, "-o", repo, "--platform", "python", "--threads", "1") == 0
+    tamper(repo, "wrong_size", lambda m: m.update(input_size=[256, 320]))
+    tamper(repo, "few_classes", lambda m: m.update(classes=m["classes"][:3], palette=m["palette"][:3]))
+    tamper(repo, "idle", lambda m: None)  # never loaded
+    tamper(repo, "broken", lambda m: None)  # fails to load: its ONNX is cut short
+    onnx_file = repo / "broken" / "1" / "model.onnx"
+    onnx_file.write_bytes(onnx_file.read_bytes()[:1000])
+    loaded = [f"--load-model={m}" for m in (NAME, "wrong_size", "few_classes")]
+    srv = TritonServer(repo, venv=sysvenv, args=["--model-control-mode=explicit", *loaded],
+                       log_path=repo.parent / "tritonserver.log")
+    srv.start()
+    yield srv
+    srv.stop(kill=True)
+
+
+def url(server: TritonServer, model: str = NAME, http: bool = False) -> str:
+    return f"triton+http://{server.http_url}/{model}" if http else f"triton://{server.grpc_url}/{model}"
+
+
+@needs_camvid
+@pytest.mark.parametrize("how", ["grpc", "http", "grpc+shm", "http+shm"])
+def test_labels_equal_in_process_onnxruntime_on_camvid_frames(server, how):
+    frames = val_frames(3)
+    with open_backend(MODEL) as local, open_backend(url(server, http=how.startswith("http")),
+                                                    shared_memory=how.endswith("shm")) as remote:
+        assert remote.name == "triton" and remote.meta.classes == local.meta.classes
+        assert remote.capabilities.frame_input  # the Python-backend model takes frames
+        here, there = Segmenter(local), Segmenter(remote)
+        for frame in frames:
+            np.testing.assert_array_equal(there.process(frame).labels, here.process(frame).labels)
+        # A preprocessed batch (what bench's raw inference sends) gives the same labels too.
+        from dilseg.runtime.preprocess import preprocess
+
+        batch = np.concatenate([preprocess(f, local.meta) for f in frames[:2]])
+        np.testing.assert_array_equal(remote.infer(batch), np.concatenate([local.infer(t[None]) for t in batch]))
+
+
+@needs_camvid
+def test_dynamic_batching_gathers_concurrent_streams(server):
+    streams, rounds = 4, 5
+    frames = val_frames(streams)
+    with open_backend(MODEL) as local:
+        want = [Segmenter(local).process(f).labels for f in frames]
+    backends = [open_backend(url(server)) for _ in range(streams)]
+    before = backends[0].statistics()
+    gate = threading.Barrier(streams)
+    got: dict[int, list] = {i: [] for i in range(streams)}
+
+    def stream(i: int) -> None:
+        seg = Segmenter(backends[i])
+        for _ in range(rounds):
+            gate.wait()
+            got[i].append(seg.process(frames[i]).labels)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    stats = backends[0].statistics()
+    for b in backends:
+        b.close()
+    for i in range(streams):
+        assert len(got[i]) == rounds and all((labels == want[i]).all() for labels in got[i])
+
+    def executions(s: dict) -> dict[int, int]:
+        return {int(b["batch_size"]): int(b["compute_infer"]["count"]) for b in s.get("batch_stats", [])}
+
+    new = {size: n - executions(before).get(size, 0) for size, n in executions(stats).items()}
+    assert sum(size * n for size, n in new.items()) == streams * rounds
+    assert any(n > 0 for size, n in new.items() if size > 1), f"no batched execution: {new}"
+
+
+def test_server_down_model_missing_and_not_ready_are_clear_errors(server):
+    with pytest.raises(TritonUnavailable, match=r"cannot reach Triton Inference Server at 127\.0\.0\.1:\d+"):
+        open_backend(f"triton://127.0.0.1:{free_port()}/{NAME}")
+    with pytest.raises(TritonUnavailable, match="cannot reach"):
+        open_backend(f"triton+http://127.0.0.1:{free_port()}/{NAME}", timeout=2)
+    with pytest.raises(TritonModelError, match=r"has no model 'nope' \(it has: .*edge_m"):
+        open_backend(url(server, "nope"))
+    with pytest.raises(TritonModelError, match="'idle' is not ready \\(not loaded\\); load it"):
+        open_backend(url(server, "idle", http=True))
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException):
+        grpcclient.InferenceServerClient(server.grpc_url).load_model("broken")
+    with pytest.raises(TritonModelError, match="'broken' is not ready \\(version 1: UNAVAILABLE \\(.*ONNX"):
+        open_backend(url(server, "broken"))
+    with pytest.raises(TritonModelError, match="has no version 7"):
+        open_backend(url(server) + "/7")
+
+
+def test_cli_errors_are_one_line(server, capsys):
+    assert main(["run", "--model", url(server, "nope"), "--max-frames", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dilseg run: error: ") and "has no model 'nope'" in err and err.count("\n") == 1
+    assert main(["bench", "--model", url(server), "--threads", "2", "--frames", "1"]) == 2
+    assert "--threads: ONNX Runtime option(s), but edge_m runs on Triton" in capsys.readouterr().err
+    assert main(["run", "--model", "triton://127.0.0.1:8001/", "--max-frames", "1"]) == 2
+    assert "name the model" in capsys.readouterr().err
+
+
+def test_config_that_disagrees_with_the_model_is_a_mismatch(server):
+    with pytest.raises(TritonMismatch, match="the input is -1x-1 but|the output is 360x480 but the metadata's input "
+                                             "size is 256x320"):
+        open_backend(url(server, "wrong_size"))
+    few = open_backend(url(server, "few_classes"))
+    try:
+        assert few.meta.num_classes == 3
+        street = val_frames(1)[0] if (CAMVID / "val").is_dir() else np.full((360, 480, 3), 90, np.uint8)
+        with pytest.raises(TritonMismatch, match="returned class id \\d+ but the model's metadata lists 3 classes"):
+            Segmenter(few).process(street)
+    finally:
+        few.close()
+
+
+def test_a_stuck_server_times_out(server):
+    backend = open_backend(url(server), timeout=1.0, reconnect=0)
+    frame = np.full((360, 480, 3), 100, np.uint8)
+    try:
+        os.kill(server.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(TritonTimeout, match="no answer within 1 s"):
+            backend.infer_frame(frame)
+        assert time.monotonic() - t0 < 5
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    assert backend.infer_frame(frame).shape == (1, 360, 480)  # the server is fine once it runs again
+    backend.close()
+
+
+def test_a_server_killed_and_restarted_mid_run_loses_no_frame(server, tmp_path):
+    frames = 40
+    labels = tmp_path / "labels"
+    cmd = [sys.executable, "-m", "dilseg.runtime.cli", "run", "--model", url(server), "--reconnect", "60",
+           "--source", f"test://480x360?frames={frames}&live=0", "--labels", str(labels), "--quiet"]
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(labels.glob("*.png"))) < 5 and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert run.poll() is None, run.communicate()
+        server.kill()  # as a crash: connections vanish, the frame in flight gets no answer
+        time.sleep(1.0)
+        server.start()
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 0, err
+    assert "lost Triton" in err and "reconnected" in err, err
+    assert len(list(labels.glob("*.png"))) == frames
+    assert f"frames in {frames}, out {frames}" in out
