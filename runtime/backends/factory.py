@@ -42,7 +42,7 @@ def _plugins() -> dict[str, metadata.EntryPoint]:
 
 def backend_names() -> tuple[str, ...]:
     """Every backend name ``open_backend`` accepts, ``auto`` first."""
-    return ("auto", *BUILTIN, *sorted(set(_plugins()) | set(PLUGIN_HINTS) - set(BUILTIN)))
+    return ("auto", *BUILTIN, *sorted((set(_plugins()) | set(PLUGIN_HINTS)) - set(BUILTIN)))
 
 
 def backend_class(name: str) -> type[Backend]:
@@ -94,7 +94,10 @@ def make_options(cls: type[Backend], path: Path, given: dict[str, Any]) -> Backe
         for other in BUILTIN:
             if other == cls.name:
                 continue
-            owner = backend_class(other)
+            try:
+                owner = backend_class(other)
+            except (ImportError, BackendError):  # a backend whose own dependencies are missing names no owner
+                continue
             if all(k in {f.name for f in fields(owner.Options)} for k in unknown):
                 raise BackendError(f"{flags}: {owner.label} option(s), but {path.name} runs on {cls.label} here; "
                                    f"{owner.selection_hint}")
