@@ -11,6 +11,7 @@ evaluator and the demo alike, and the library's face::
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ class Segmentation:
     labels: np.ndarray  # HxW uint8 class ids at the frame's size
     timings: dict[str, float] = field(default_factory=dict)  # milliseconds per stage
     frame: np.ndarray | None = None  # the frame it was made from (not a copy)
+    batch: int | None = None  # the shared inference it ran in, when streams share a backend (runtime/batching)
 
 
 class Segmenter:
@@ -39,15 +41,21 @@ class Segmenter:
         self.backend = backend
         self.meta = backend.meta
         self._last: Segmentation | None = None  # what the backend's GPU buffers hold now
+        # Held from a frame upload to its result being recorded, and while rendering on the GPU,
+        # so a render never draws the buffers of another thread's newer frame.
+        self._gpu_lock = threading.Lock()
 
     def process(self, frame: np.ndarray) -> Segmentation:
         caps = self.backend.capabilities
+        frame_input = caps.frame_input
         t0 = time.perf_counter()
-        if caps.frame_input:
+        if frame_input:
             # The uint8 frame crosses the bus once and a CUDA kernel resizes and normalises it
             # straight into the engine's input buffer.
             t1 = t0
-            output = self.backend.infer_frame(frame)
+            with self._gpu_lock:
+                output = self.backend.infer_frame(frame)
+                self._last = marker = Segmentation(np.empty((0, 0), np.uint8), {}, frame)
         else:
             tensor = preprocess(frame, self.meta)
             t1 = time.perf_counter()
@@ -60,7 +68,10 @@ class Segmenter:
             # A backend that splits its own time (TensorRT: upload/infer/download) reports it too.
             timings.update(self.backend.last_timings)
         result = Segmentation(labels, timings, frame)
-        self._last = result if caps.frame_input else None
+        if frame_input:
+            with self._gpu_lock:
+                if self._last is marker:  # no other frame went up meanwhile
+                    self._last = result
         return result
 
     __call__ = process
@@ -72,13 +83,16 @@ class Segmenter:
         CPU); anything else is drawn on the CPU, to the same picture."""
         if result.frame is None:
             raise ValueError("this Segmentation carries no frame; render it with ViewSettings.render(frame, ...)")
-        if result is self._last and self.backend.capabilities.gpu_render:
-            try:
-                picture, _ = self.backend.render_last(view.alpha, view.visible_list,
-                                                      "mask" if view.view == "mask" else "overlay")
-            except BackendError:  # no GPU kernels here (no nvcc) or a logits model: draw on the CPU
-                pass
-            else:
+        picture = None
+        if self.backend.capabilities.gpu_render:
+            with self._gpu_lock:
+                if result is self._last:
+                    try:
+                        picture, _ = self.backend.render_last(view.alpha, view.visible_list,
+                                                              "mask" if view.view == "mask" else "overlay")
+                    except BackendError:  # no GPU kernels here (no nvcc) or a logits model: the CPU draws it
+                        picture = None
+            if picture is not None:
                 if view.view == "side-by-side":
                     picture = np.concatenate([result.frame, picture], axis=1)
                 if view.legend:
