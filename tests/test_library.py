@@ -74,3 +74,36 @@ def test_segmenter_face_on_a_small_model(small_onnx, tmp_path):
         open_segmenter(tmp_path / "missing.onnx")
     with pytest.raises(ValueError, match="view must be one of"):
         ViewSettings("sepia")
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_render_on_the_gpu_draws_the_cpu_picture(trt_onnx, tmp_path):
+    """TensorRT with pycuda: seg.render colours and blends the frame the engine holds on the GPU;
+    an older result (the engine holds another frame) is drawn on the CPU. Needs a GPU."""
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (GPU test)")
+    cuda = pytest.importorskip("pycuda.driver", reason="pycuda is not installed (GPU test)")
+    try:
+        cuda.init()
+        if cuda.Device.count() == 0:
+            pytest.skip("no CUDA device")
+    except Exception as exc:  # noqa: BLE001 - any driver failure means no GPU test here
+        pytest.skip(f"no usable CUDA driver: {exc}")
+    from dilseg.runtime import ViewSettings, open_segmenter
+    from dilseg.runtime.sources import test_frame
+    from dilseg.runtime.trt.build import BuildOptions, build_engine
+
+    engine = tmp_path / "edge_s.engine"
+    build_engine(trt_onnx["fixed"], engine, BuildOptions(progress=False))
+    views = (ViewSettings(), ViewSettings("mask", visible=(0, 3, 4)), ViewSettings("side-by-side", 0.7, legend=True))
+    with open_segmenter(engine) as seg:
+        assert seg.backend.capabilities.gpu_render
+        for i in range(3):
+            frame = test_frame(7 * i, 480, 360)
+            result = seg.process(frame)
+            for view in views:
+                cpu = view.render(frame, result.labels, seg.meta)
+                assert np.abs(seg.render(result, view).astype(int) - cpu.astype(int)).max() <= 1, view
+        older = result
+        seg.process(test_frame(99, 480, 360))
+        np.testing.assert_array_equal(seg.render(older, views[0]), views[0].render(older.frame, older.labels, seg.meta))
