@@ -71,7 +71,8 @@ def run_demo(args: argparse.Namespace) -> int:
         raise CliError(f"--port {args.port}: choose a port between 1 and 65535")
     env = dict(os.environ)
     if args.model:
-        env[ENV_MODEL] = str(resolve_model(args.model).resolve())
+        model = resolve_model(args.model)
+        env[ENV_MODEL] = model if isinstance(model, str) else str(model.resolve())  # str: a triton:// URL
     elif not default_model_path().exists():
         print(f"note: the shipped model {default_model_path().name} is missing from this install; "
               "the page will ask for a model (or pass --model PATH)", file=sys.stderr)

@@ -18,6 +18,7 @@ from dilseg.runtime.errors import DilsegError
 from dilseg.runtime.files import atomic_write_bytes
 from dilseg.runtime.metadata import MetadataError, ModelMeta
 from dilseg.runtime.segmenter import Segmenter
+from dilseg.runtime.triton_url import is_triton_url
 
 from .settings import ENV_MODEL
 
@@ -73,9 +74,12 @@ def option(key: str) -> BackendOption:
     raise ModelChoiceError(f"unknown backend {key!r}")
 
 
-def launch_model() -> tuple[Path, str]:
-    """The model the page starts with: `dilseg demo --model PATH`, else the shipped default."""
+def launch_model() -> tuple[Path | str, str]:
+    """The model the page starts with: `dilseg demo --model PATH` (or a triton:// URL, kept as the
+    string it is), else the shipped default."""
     given = os.environ.get(ENV_MODEL, "").strip()
+    if is_triton_url(given):
+        return given, "from --model"
     if given:
         return Path(given).expanduser(), "from --model"
     return default_model_path(), "shipped default"
@@ -113,6 +117,14 @@ def check_model(path: Path) -> ModelMeta:
         raise ModelChoiceError(f"This is not a dilseg segmentation model: {exc}") from None
     except OSError as exc:
         raise ModelChoiceError(f"`{path}`: cannot read it ({exc})") from None
+
+
+def load_served(url: str) -> Segmenter:
+    """A model served by Triton (the server, not the sidebar's backend, decides how it runs)."""
+    try:
+        return Segmenter(open_backend(url))
+    except DilsegError as exc:
+        raise ModelChoiceError(str(exc)) from None
 
 
 def load_segmenter(path: Path, backend_key: str) -> Segmenter:

@@ -25,7 +25,7 @@ from dilseg.runtime.segmenter import Segmenter
 from dilseg.runtime.view import ViewSettings
 
 from . import shared_camera
-from .loading import (ModelChoiceError, backend_options, check_model, launch_model, load_segmenter,
+from .loading import (ModelChoiceError, backend_options, check_model, launch_model, load_segmenter, load_served,
                       missing_default_message, save_upload)
 from .media import IMAGE_TYPES, VIDEO_TYPES, MediaError, decode_image, segment_image, segment_video
 from .settings import ENV_SOURCE, rtc_configuration
@@ -37,7 +37,8 @@ SOURCES = {
     "image": "Upload image",
     "video": "Upload video",
 }
-MODEL_KINDS = {"default": "Default model", "path": "Model file path", "upload": "Upload .onnx"}
+MODEL_KINDS = {"default": "Default model", "path": "Model file path", "upload": "Upload .onnx",
+               "triton": "Triton server"}
 SOURCE_HELP = ("What the server opens: a camera index (`0`), a stream URL (`rtsp://…`, `http://…`), "
                "a Jetson CSI camera (`csi://0`), a video file path, or the synthetic `test://` "
                "(`test://640x480?fps=30`). One worker per source serves every open tab.")
@@ -59,7 +60,7 @@ def cached_segmenter(path: str, stamp: tuple[int, int], backend_key: str) -> Seg
 
 
 # -- sidebar -------------------------------------------------------------------------------------
-def choose_model() -> Path | None:
+def choose_model() -> Path | str | None:
     sb = st.sidebar
     sb.header("Model")
     launch_path, origin = launch_model()
@@ -67,6 +68,8 @@ def choose_model() -> Path | None:
                     label_visibility="collapsed")
     if kind == "default":
         sb.caption(f"`{launch_path}` ({origin})")
+        if isinstance(launch_path, str):  # a triton:// URL
+            return launch_path
         if not launch_path.exists():
             if origin == "shipped default":
                 sb.warning(missing_default_message(launch_path))
@@ -78,6 +81,10 @@ def choose_model() -> Path | None:
         text = sb.text_input("Model file (.onnx or .engine)", key="model_path",
                              placeholder="/path/to/model.onnx").strip()
         return Path(text).expanduser() if text else None
+    if kind == "triton":
+        text = sb.text_input("Model served by Triton", key="model_url",
+                             placeholder="triton://127.0.0.1:8001/edge_m").strip()
+        return text or None
     upload = sb.file_uploader("A dilseg .onnx model", type=["onnx"], key="model_upload")
     if upload is None:
         return None
@@ -102,20 +109,29 @@ def choose_backend() -> str:
     return key
 
 
-def load_model(path: Path | None, backend_key: str) -> Segmenter | None:
+@st.cache_resource(max_entries=4, show_spinner="Connecting to Triton…")
+def cached_served(url: str) -> Segmenter:
+    return load_served(url)
+
+
+def load_model(path: Path | str | None, backend_key: str) -> Segmenter | None:
     if path is None:
         return None
     try:
-        check_model(path)
-        stat = path.stat()
-        segmenter = cached_segmenter(str(path.resolve()), (stat.st_mtime_ns, stat.st_size), backend_key)
+        if isinstance(path, str):  # a model served by Triton; the sidebar's backend does not apply
+            segmenter = cached_served(path)
+        else:
+            check_model(path)
+            stat = path.stat()
+            segmenter = cached_segmenter(str(path.resolve()), (stat.st_mtime_ns, stat.st_size), backend_key)
     except ModelChoiceError as exc:
         st.sidebar.error(str(exc))
         return None
     meta = segmenter.meta
     size = "any size" if meta.input_size is None else f"{meta.input_size[0]}x{meta.input_size[1]}"
     providers = getattr(segmenter.backend, "providers", None)
-    where = ", ".join(p.replace("ExecutionProvider", "") for p in providers) if providers else segmenter.backend.name
+    where = ", ".join(p.replace("ExecutionProvider", "") for p in providers) if providers else \
+        str(getattr(segmenter.backend, "url", segmenter.backend.name))
     st.sidebar.caption(f"**{meta.model}** · input {size} · {meta.precision} · {meta.num_classes} classes · {where}")
     return segmenter
 
@@ -365,7 +381,8 @@ def main() -> None:
         shared_camera.release_viewer(session_id())  # the page no longer shows a server stream
     if segmenter is None:
         launch_path, _ = launch_model()
-        if st.session_state.get("model_kind", "default") == "default" and not launch_path.exists():
+        if st.session_state.get("model_kind", "default") == "default" and isinstance(launch_path, Path) \
+                and not launch_path.exists():
             st.info(missing_default_message(launch_path))
         else:
             st.info("Choose a model in the sidebar to start.")

@@ -122,7 +122,7 @@ def test_sidebar_offers_models_backends_views_and_sources(monkeypatch, model):
     at = app(monkeypatch, model)
     assert not at.exception
     radios = {r.label: r for r in at.sidebar.radio}
-    assert radios["Model"].options == ["Default model", "Model file path", "Upload .onnx"]
+    assert radios["Model"].options == ["Default model", "Model file path", "Upload .onnx", "Triton server"]
     assert radios["View"].options == ["overlay", "mask", "side-by-side"]
     assert radios["Source"].options == ["Browser webcam", "Server camera or stream", "Upload image", "Upload video"]
     # Every backend is listed; those this machine cannot run sit in a disabled group with the reason.

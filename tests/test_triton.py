@@ -38,6 +38,13 @@ from dilseg.runtime.segmenter import Segmenter
 from precision_helpers import CAMVID, needs_camvid
 from servers import REPO, TritonServer, free_port, triton_missing, unavailable
 
+try:
+    from test_demo_app import downloads  # noqa: F401  (reads what the page's download buttons serve)
+except pytest.skip.Exception:  # test_demo_app skips itself without streamlit
+    @pytest.fixture
+    def downloads():
+        pytest.skip("the demo needs streamlit and streamlit-webrtc (pip install 'dilseg[demo]')")
+
 MODEL = default_model_path()
 NAME = "edge_m"
 
@@ -356,3 +363,22 @@ def test_a_server_killed_and_restarted_mid_run_loses_no_frame(server, tmp_path):
     assert "lost Triton" in err and "reconnected" in err, err
     assert len(list(labels.glob("*.png"))) == frames
     assert f"frames in {frames}, out {frames}" in out
+
+
+@needs_camvid
+def test_demo_page_segments_through_triton(server, monkeypatch, downloads):
+    import test_demo_app as demo
+
+    at = demo.app(monkeypatch, url(server))  # `dilseg demo --model triton://...`
+    assert not at.exception and not demo.messages(at)
+    assert any("edge_m" in c.value and "triton://" in c.value for c in at.sidebar.caption)
+    street = sorted((CAMVID / "val" / "images").iterdir())[0]
+    at.file_uploader(key="image_upload").upload(street.name, street.read_bytes(), "image/png").run()
+    assert not at.exception and not demo.messages(at)
+    labels = demo.decode(downloads(demo.buttons(at)["Label PNG (class ids)"]))
+    with open_backend(MODEL) as local:
+        np.testing.assert_array_equal(labels, Segmenter(local)(cv2.imread(str(street))).labels)
+    # A URL typed into the sidebar that names no model is said on the page, which stays usable.
+    at.sidebar.radio(key="model_kind").set_value("triton").run()
+    at.sidebar.text_input(key="model_url").input(url(server, "nope")).run()
+    assert not at.exception and "has no model 'nope'" in demo.messages(at)
