@@ -51,10 +51,6 @@ class PrimaryContext:
         self.cuda = cuda
         self._ctx = cuda.Device(device).retain_primary_context()
 
-    @property
-    def retained(self) -> bool:
-        return self._ctx is not None
-
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
         self._ctx.push()
