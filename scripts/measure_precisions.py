@@ -8,6 +8,7 @@ background load hits all alike), then prints a markdown table.
 
     python scripts/measure_precisions.py models/edge_m_camvid.onnx \\
         --weights models/edge_m_camvid.safetensors --data ../shared/data/camvid
+    python scripts/measure_precisions.py models/edge_m_camvid.onnx --shipped   # the shipped variant files
 
 Targets (issue 6): fp16 loses <= 0.1 mIoU points with >= 99.5% agreement; each int8 flavour
 loses <= 1.0 point; the cpu int8 flavour runs >= 2.5x the fp32 throughput.
@@ -23,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+SHIPPED = {"fp16": "fp16", "int8 cpu": "int8cpu"}  # table label -> shipped variant name
 VARIANTS = (  # (label, precision, int8 target)
     ("fp16", "fp16", None),
     ("int8 tensorrt", "int8", "tensorrt"),
@@ -44,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0: the runtime's default)")
     p.add_argument("--limit", type=int, default=0, help="evaluate on the first N images only (smoke runs)")
     p.add_argument("--keep", metavar="DIR", help="write the variants here (default: a temporary folder)")
+    p.add_argument("--shipped", action="store_true",
+                   help="measure the variant files shipped beside the ONNX (NAME.fp16.onnx, NAME.int8cpu.onnx) "
+                        "instead of building them; the int8 tensorrt flavour is still built")
     p.add_argument("--json", metavar="FILE", help="also write the measurements as JSON")
     return p.parse_args(argv)
 
@@ -62,12 +67,34 @@ def build_variants(args: argparse.Namespace, out_dir: Path, meta) -> dict[str, P
     model, _ = load_model(weights)
     wmeta = weights_meta(weights, meta.input_size)
     calib = args.calib_dir or str(Path(args.data) / "train")
-    paths = {}
+    paths = shipped_variants(args, meta) if args.shipped else {}
     for label, precision, target in VARIANTS:
+        if label in paths:
+            continue
         path = out_dir / f"{Path(args.onnx).stem}_{label.replace(' ', '_')}.onnx"
         print(f"building {label} -> {path}", file=sys.stderr)
+        # The same head as the fp32 file, so the table compares precision alone.
         export_variant(model, wmeta, path, meta.input_size, precision, calib, args.calib_images,
-                       target or "tensorrt", args.calib_method)
+                       target or "tensorrt", args.calib_method, head=meta.extra.get("head", "full"))
+        paths[label] = path
+    return {label: paths[label] for label, _, _ in VARIANTS}
+
+
+def shipped_variants(args: argparse.Namespace, meta) -> dict[str, Path]:
+    """The variant files beside the fp32 ONNX, each checked to name that file as its parent."""
+    from dilseg.export.quantize import variant_path
+    from dilseg.runtime.artifact import read_meta
+    from dilseg.runtime.files import sha256_file
+
+    parent_sha = sha256_file(args.onnx)
+    paths = {}
+    for label, variant in SHIPPED.items():
+        path = variant_path(args.onnx, variant)
+        if not path.is_file():
+            sys.exit(f"error: --shipped: {path} not found (make it with scripts/make_variants.py)")
+        if read_meta(path).extra.get("parent_sha256") != parent_sha:
+            sys.exit(f"error: {path} was not made from {args.onnx} (parent sha256 differs); rebuild it")
+        print(f"shipped {label}: {path}", file=sys.stderr)
         paths[label] = path
     return paths
 

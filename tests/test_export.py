@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from dilseg.export.onnx_export import ExportError, export_onnx, parse_size, verification_inputs
+from dilseg.export.onnx_export import ExportError, export_onnx, parse_size, verification_inputs, with_logits_output
 from dilseg.export.train import camvid_meta
 from dilseg.export.weights import WeightsError, load_model, load_weights, save_weights
 from dilseg.runtime.files import sha256_file
@@ -65,7 +66,7 @@ def test_cli_export_writes_self_describing_verified_onnx(tmp_path, trained_weigh
 def test_exported_labels_match_pytorch(tmp_path, trained_weights) -> None:
     model, _ = load_model(trained_weights)
     meta = camvid_meta("edge_s", (64, 96))
-    export_onnx(model, meta, tmp_path / "m.onnx", (64, 96))
+    export_onnx(model, meta, tmp_path / "m.onnx", (64, 96), head="full")
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     model.eval()
     for x in verification_inputs(meta, (64, 96), n=2, seed=5):
@@ -159,3 +160,100 @@ def test_parse_size() -> None:
     assert parse_size("360x480") == (360, 480)
     with pytest.raises(ExportError):
         parse_size("0x8")
+
+
+@pytest.mark.parametrize("head, block", [("full", 1), ("half", 2), ("quarter", 4)])
+def test_head_labels_are_the_paper_heads_logits_averaged_over_each_block(tmp_path, trained_weights, head, block) -> None:
+    """Bilinear x(8/block) with half-pixel centres samples the x8 field at each block's centre,
+    which is the mean of the x8 logits over the block: the reduced heads give every block the
+    label of the paper's head averaged over it."""
+    model, _ = load_model(trained_weights)
+    meta = camvid_meta("edge_s", (64, 96))
+    export_onnx(model, meta, tmp_path / "m.onnx", (64, 96), head=head)
+    assert read_meta(tmp_path / "m.onnx").extra["head"] == head
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    model.eval()
+    for x in verification_inputs(meta, (64, 96), n=2, seed=7):
+        labels = sess.run(None, {"input": x})[0]
+        with torch.no_grad():
+            pooled = torch.nn.functional.avg_pool2d(model(torch.from_numpy(x)), block)
+        want = pooled.argmax(1).numpy().repeat(block, 1).repeat(block, 2)
+        assert labels.shape == (1, 64, 96) and labels.dtype == np.int32
+        assert (labels == want).mean() > 0.999
+
+
+def test_eighth_head_repeats_the_stride_8_labels(tmp_path, trained_weights) -> None:
+    model, _ = load_model(trained_weights)
+    meta = camvid_meta("edge_s", (64, 96))
+    export_onnx(model, meta, tmp_path / "m.onnx", (64, 96), head="eighth")
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = verification_inputs(meta, (64, 96), n=1, seed=3)[0]
+    with torch.no_grad():
+        want = model.eval().scores(torch.from_numpy(x)).argmax(1).numpy().repeat(8, 1).repeat(8, 2)
+    assert np.array_equal(sess.run(None, {"input": x})[0], want)
+
+
+def test_default_head_is_half_for_zoo_models_and_the_reduced_head_is_cheaper(tmp_path, trained_weights) -> None:
+    model, _ = load_model(trained_weights)
+    meta = camvid_meta("edge_s", (64, 96))
+    export_onnx(model, meta, tmp_path / "default.onnx", (64, 96))
+    export_onnx(model, meta, tmp_path / "full.onnx", (64, 96), head="full")
+    assert read_meta(tmp_path / "default.onnx").extra["head"] == "half"
+    assert read_meta(tmp_path / "full.onnx").extra["head"] == "full"
+
+    def argmax_input_shape(path: Path) -> tuple[int, ...]:
+        proto = with_logits_output(onnx.load(str(path)))  # the ArgMax's input as a second output
+        sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        return sess.run(None, {"input": np.zeros((1, 3, 64, 96), np.float32)})[-1].shape
+
+    # The ArgMax (and the bilinear Resize feeding it) works on a quarter of the pixels.
+    assert argmax_input_shape(tmp_path / "full.onnx") == (1, 11, 64, 96)
+    assert argmax_input_shape(tmp_path / "default.onnx") == (1, 11, 32, 48)
+
+
+def test_cli_head_option(tmp_path, trained_weights) -> None:
+    out = tmp_path / "x8.onnx"
+    r = dilseg("export", "onnx", "--weights", str(trained_weights), "--size", "64x96", "--head", "full", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert read_meta(out).extra["head"] == "full"
+    r = dilseg("export", "onnx", "--weights", str(trained_weights), "--size", "64x96", "--head", "huge", "-o", str(out))
+    assert r.returncode == 2 and "invalid choice: 'huge'" in r.stderr
+
+
+def test_dynamic_reduced_head_crops_to_sizes_that_are_not_multiples_of_8(tmp_path, trained_weights) -> None:
+    model, _ = load_model(trained_weights)
+    export_onnx(model, camvid_meta("edge_s"), tmp_path / "d.onnx", None, head="half")
+    sess = ort.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"])
+    for h, w in [(64, 96), (50, 70)]:
+        assert sess.run(None, {"input": np.zeros((1, 3, h, w), np.float32)})[0].shape == (1, h, w)
+
+
+class _OwnUpsampling(torch.nn.Module):
+    """A network ending in its own upsampling, with no scores() to start a reduced head from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 11, 3, stride=8, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.interpolate(self.conv(x), size=x.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def test_models_without_scores_keep_their_own_head(tmp_path) -> None:
+    meta = camvid_meta("edge_s", (64, 96))
+    export_onnx(_OwnUpsampling(), meta, tmp_path / "own.onnx", (64, 96))
+    assert read_meta(tmp_path / "own.onnx").extra["head"] == "full"
+    with pytest.raises(ExportError, match=r"scores\(\).*--head full"):
+        export_onnx(_OwnUpsampling(), meta, tmp_path / "half.onnx", (64, 96), head="half")
+    with pytest.raises(ExportError, match="logits are always upsampled"):
+        export_onnx(create_model("edge_s"), replace(meta, output_kind="logits"), tmp_path / "l.onnx", (64, 96),
+                    head="half")
+    assert not (tmp_path / "half.onnx").exists() and not (tmp_path / "l.onnx").exists()
+
+
+def test_cli_head_choices_are_the_exporters() -> None:
+    from dilseg.export.heads import HEADS
+
+    r = dilseg("export", "onnx", "--help")
+    assert all(name in r.stdout for name in HEADS)
+    assert "{" + ",".join(HEADS) + "}" in r.stdout
