@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .artifact import WEIGHTS_SUFFIX, artifact_suffix
 from .backends import Backend, open_backend
-from .dataset import CAMVID_IGNORE, DatasetError, Images, SegmentationDataset, open_images
+from .dataset import DEFAULT_VOID, DatasetError, Images, SegmentationDataset, check_same_classes, open_images
 from .errors import DilsegError
 from .files import atomic_write_bytes
 from .metadata import ModelMeta
@@ -32,8 +32,10 @@ class VerifyError(DilsegError, ValueError):
 
 def dataset_for(meta: ModelMeta, root: str | Path, split: str | None, labelled: bool = True) -> Images:
     """The images (and labels, where there are) a model is measured on, checked against its class count."""
-    ignore = meta.ignore_index if meta.ignore_index is not None else CAMVID_IGNORE
+    ignore = meta.ignore_index if meta.ignore_index is not None else DEFAULT_VOID
     data = open_images(root, split, meta.num_classes, ignore)
+    if getattr(data, "classes", None) is not None:  # the dataset names its classes: they must be the model's
+        check_same_classes(meta.classes, data.classes, data.classes.source)
     if labelled and not isinstance(data, SegmentationDataset):
         raise DatasetError(f"{root}: found images but no labels/ folder; `dilseg eval` needs a labelled dataset "
                            "(images/ + labels/ matched by stem), `dilseg verify` also takes plain images")
