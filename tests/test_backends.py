@@ -75,6 +75,9 @@ def test_options_a_backend_lacks_are_the_same_error_everywhere(tmp_path: Path, s
         open_backend(engine, fp16=True, dla_core=0)
     with pytest.raises(BackendError, match="the TensorRT backend takes TensorRTOptions, not OnnxRuntimeOptions"):
         open_backend(engine, options=OnnxRuntimeOptions(threads=1))
+    # Constructed directly (no factory), an option the class lacks is the same one-line error.
+    with pytest.raises(BackendError, match=r"^--cuda-graph: not option\(s\) of the ONNX Runtime backend"):
+        OnnxRuntimeBackend(small_onnx, cuda_graph=True)
 
 
 def test_typed_options_and_keywords_give_the_same_backend(small_onnx) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import abc
 import functools
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -32,6 +32,11 @@ class Capabilities:
     frame_input: bool = False  # infer_frame(bgr): uploads the frame once and preprocesses it on the GPU
     gpu_render: bool = False  # render_last(...): colours and blends the last infer_frame() labels on the GPU
     stage_timings: bool = False  # last_timings: the backend's own split of its last call (extra keys, ms)
+
+
+def option_flag(name: str) -> str:
+    """An option as the command line spells it (``cuda_graph`` -> ``--cuda-graph``), for messages."""
+    return "--" + name.replace("_", "-")
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,14 @@ class Backend(abc.ABC):
         self.path = Path(path)
         if options is not None and keywords:
             raise BackendError("pass backend options either as an options object or as keywords, not both")
-        self.options = options if options is not None else self.Options(**keywords)
+        if options is None:
+            known = [f.name for f in fields(self.Options)]
+            unknown = [k for k in keywords if k not in known]
+            if unknown:  # the factory names the backend they belong to; here they are just not ours
+                raise BackendError(f"{', '.join(option_flag(k) for k in unknown)}: not option(s) of the {self.label} "
+                                   f"backend (it takes: {', '.join(option_flag(k) for k in known) or 'none'})")
+            options = self.Options(**keywords)
+        self.options = options
         if not isinstance(self.options, self.Options):
             raise BackendError(f"the {self.label} backend takes {self.Options.__name__}, not "
                                f"{type(self.options).__name__}")

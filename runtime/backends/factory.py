@@ -17,7 +17,7 @@ from typing import Any
 
 from ..artifact import ENGINE_SUFFIXES, ONNX_SUFFIX, WEIGHTS_SUFFIX, artifact_suffix
 from ..triton_url import is_triton_url
-from .base import Backend, BackendError, BackendOptions
+from .base import Backend, BackendError, BackendOptions, option_flag
 
 ENTRY_POINT_GROUP = "dilseg.backends"
 
@@ -80,17 +80,13 @@ def choose(path: Path, backend: str = "auto") -> type[Backend]:
     return cls
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def make_options(cls: type[Backend], path: Path, given: dict[str, Any]) -> BackendOptions:
     """``cls.Options`` from keyword options; an option the backend does not have is the same
     clear BackendError on every backend, naming the backend it belongs to where there is one."""
     known = {f.name for f in fields(cls.Options)}
     unknown = [k for k in given if k not in known]
     if unknown:
-        flags = ", ".join(_flag(k) for k in unknown)
+        flags = ", ".join(option_flag(k) for k in unknown)
         for other in BUILTIN:
             if other == cls.name:
                 continue
@@ -101,7 +97,7 @@ def make_options(cls: type[Backend], path: Path, given: dict[str, Any]) -> Backe
             if all(k in {f.name for f in fields(owner.Options)} for k in unknown):
                 raise BackendError(f"{flags}: {owner.label} option(s), but {path.name} runs on {cls.label} here; "
                                    f"{owner.selection_hint}")
-        takes = ", ".join(_flag(f.name) for f in fields(cls.Options)) or "none"
+        takes = ", ".join(option_flag(f.name) for f in fields(cls.Options)) or "none"
         raise BackendError(f"{flags}: not option(s) of the {cls.label} backend (it takes: {takes})")
     try:
         options = cls.Options(**given)

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..artifact import ENGINE_SUFFIXES, ONNX_SUFFIX, is_engine
-from ..backends.base import Backend, BackendError, BackendOptions, Capabilities
+from ..backends.base import Backend, BackendError, BackendOptions, Capabilities, option_flag
 from .build import BuildOptions
 from .cache import EngineError
 from .compat import detect
@@ -56,7 +56,7 @@ class TensorRTOptions(BuildOptions, BackendOptions):
             build_only = [f.name for f in fields(BuildOptions) if f.name not in ("device", "progress")]
             given = [k for k in (*build_only, "engine", "rebuild") if k in self.given()]
             if given:
-                flags = ", ".join("--" + k.replace("_", "-") for k in given)
+                flags = ", ".join(option_flag(k) for k in given)
                 raise BackendError(f"{flags}: build option(s), but {path.name} is built already (`dilseg info` shows "
                                    "how); pass the .onnx to build with them, or use `dilseg build`")
 
