@@ -300,3 +300,23 @@ def test_cli_build_with_timing_cache(gpu, trt_onnx, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "built" in r.stdout and " s: fp32 engine for " in r.stdout
     assert (tmp_path / "t.cache").stat().st_size > 0 and (tmp_path / "m.engine.json").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_the_runner_runs_what_its_loader_hands_it(engine, trt_onnx, tmp_path):
+    from dilseg.runtime.preprocess import preprocess
+    from dilseg.runtime.trt.loaders import EngineFromFile, EngineFromOnnx
+    from dilseg.runtime.trt.runner import TensorRTBackend
+
+    path, _ = engine
+    onnx = tmp_path / "composed.onnx"
+    shutil.copy(trt_onnx["fixed"], onnx)
+    messages = []
+    with TensorRTBackend(EngineFromFile(path)) as from_file, \
+            TensorRTBackend(EngineFromOnnx(onnx, log=messages.append)) as from_onnx:
+        assert from_file.decision is None and not from_onnx.decision.reuse
+        assert from_onnx.engine_path == tmp_path / "composed.fp32.engine"
+        x = preprocess(frames(1, 64, 96)[0], from_file.meta)
+        np.testing.assert_array_equal(from_file.infer(x), from_onnx.infer(x))
+    assert any(m.startswith("building") for m in messages)
