@@ -10,6 +10,7 @@ EXPORT_EPILOG = """\
 examples:
   dilseg export onnx --model edge_m --weights runs/edge_m/best.safetensors --size 360x480 -o edge_m.onnx
   dilseg export onnx --model edge_m --weights w.safetensors --dynamic -o edge_m_dyn.onnx
+  dilseg export onnx --from edge_m.onnx --batch dynamic -o edge_m_batch.onnx   # several streams per inference
   dilseg export onnx --model edge_s --size 360x480 --output-kind logits -o untrained.onnx
   dilseg export onnx --weights w.safetensors --size 360x480 --head full -o edge_m_x8.onnx   # the paper's x8 head
 
@@ -75,6 +76,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     size = p.add_mutually_exclusive_group()
     size.add_argument("--size", help="fixed input HxW, multiples of 8, e.g. 360x480")
     size.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
+    p.add_argument("--batch", metavar="N|dynamic",
+                   help="frames per inference: dynamic (any batch, for multi-stream runs and Triton) or a fixed N "
+                        "(default 1; --dynamic frees it too). With --from alone: re-declare that ONNX's batch")
     p.add_argument("--opset", type=int, default=ONNX_OPSET, help=f"ONNX opset (default {ONNX_OPSET})")
     p.add_argument("--head", choices=["full", "half", "quarter", "eighth"], default=None,
                    help="labels head: half (default for zoo models: bilinear x4, ArgMax at 1/2 size, labels "
@@ -138,6 +142,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run_export_onnx(args: argparse.Namespace) -> int:
     from dilseg.runtime.errors import CliError
 
+    if args.batch is not None:
+        return _export_with_batch(args)
     if args.from_onnx:
         from .onnx_precision import run_from_onnx
 
@@ -172,6 +178,48 @@ def run_export_onnx(args: argparse.Namespace) -> int:
     if getattr(model, "num_classes", meta.num_classes) != meta.num_classes:
         raise CliError(f"model has {model.num_classes} classes; only {meta.num_classes}-class CamVid metadata is known")
     return write_export(args, model, meta, name, size)
+
+
+def _export_with_batch(args: argparse.Namespace) -> int:
+    """--batch: the export as asked (or the --from file as it is), then its batch axis set and
+    verified: a batch of two must give what each frame gives alone."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from dilseg.export.onnx_batch import parse_batch, write_with_batch
+    from dilseg.runtime.errors import CliError
+
+    batch = parse_batch(args.batch)
+    if args.dynamic:
+        raise CliError("--dynamic frees the batch already (with height and width); drop --batch or --dynamic")
+    out = Path(args.output)
+    if args.from_onnx and args.precision == "fp32":
+        src = Path(args.from_onnx)
+        given = [flag for flag, value in (("--model", args.model), ("--weights", args.weights), ("--torch", args.torch),
+                                          ("--size", args.size), ("--calib-dir", args.calib_dir)) if value]
+        if given:
+            raise CliError(f"{', '.join(given)}: --from {src.name} --batch only re-declares its batch axis; drop them")
+        if not src.is_file():
+            raise CliError(f"--from {src}: no such file")
+        if out.exists() and src.resolve() == out.resolve():
+            raise CliError(f"-o {out}: that is the --from file; write the batched model to a new file")
+        what = write_with_batch(src, out, batch)
+        print(f"wrote {out}: {src.name} with {what}; verified: a batch of 2 gives what each frame gives alone")
+        return 0
+    if not out.parent.is_dir():
+        raise CliError(f"-o {out}: the folder {out.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.stem}.", suffix=".batch1.onnx", dir=out.parent)
+    os.close(fd)
+    try:
+        args.output, args.batch = tmp, None
+        run_export_onnx(args)
+        what = write_with_batch(tmp, out, batch)
+    finally:
+        args.output = str(out)
+        Path(tmp).unlink(missing_ok=True)
+    print(f"set the batch of {out}: {what}; verified: a batch of 2 gives what each frame gives alone")
+    return 0
 
 
 def write_export(args: argparse.Namespace, model, meta, name: str, size: tuple[int, int] | None) -> int:

@@ -107,3 +107,47 @@ def with_dynamic_batch(path: str | Path) -> tuple[onnx.ModelProto, bool]:
                                  "mixes the batch, so it cannot be batched; export it with `dilseg export onnx "
                                  "--dynamic` (or serve it unbatched with --max-batch-size 0)")
     return freed, True
+
+
+def parse_batch(text: str) -> int | str:
+    """``--batch`` of `dilseg export onnx`: a whole number >= 1 or ``dynamic``."""
+    if str(text).strip().lower() == "dynamic":
+        return "dynamic"
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise BatchAxisError(f"--batch {text}: give a whole number of frames per inference (>= 1) or 'dynamic'")
+    return value
+
+
+def with_batch(path: str | Path, batch: int | str) -> onnx.ModelProto:
+    """The model of ``path`` with its batch axis free (``"dynamic"``) or fixed at ``batch``,
+    verified as ``with_dynamic_batch`` does; a fixed batch is then run once at that size."""
+    proto, _ = with_dynamic_batch(path)
+    if batch == "dynamic":
+        return proto
+    for value in [*proto.graph.input, *proto.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        if dims:
+            dims[0].Clear()
+            dims[0].dim_value = int(batch)
+    x = np.concatenate([_probe_inputs(free_batch_axis(proto))[:1]] * int(batch))
+    try:
+        _run(proto.SerializeToString(), x)
+    except Exception as exc:  # ORT's own error types
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise BatchAxisError(f"{path}: the graph does not run with a fixed batch of {batch} ({first}); "
+                             "use --batch dynamic") from None
+    return proto
+
+
+def write_with_batch(src: str | Path, out: str | Path, batch: int | str) -> str:
+    """Write ``src`` with its batch set (complete or absent); returns what the batch axis is now."""
+    from dilseg.runtime.files import atomic_write_bytes
+
+    proto = with_batch(src, batch)
+    onnx.checker.check_model(proto)
+    atomic_write_bytes(out, proto.SerializeToString())
+    return "a dynamic batch" if batch == "dynamic" else f"a fixed batch of {batch}"

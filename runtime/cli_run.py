@@ -30,19 +30,29 @@ examples:
   dilseg run --source test://320x240 --max-frames 300           # smoke test, no camera needed
   dilseg run --model triton://gpu-box:8001/edge_m --source 0 --show   # served by Triton (dilseg export triton)
 
+several sources (one backend; their frames batched into one inference when the model's batch
+axis is free: `dilseg export onnx --from MODEL.onnx --batch dynamic -o MODEL_batch.onnx`):
+  dilseg run --model edge_m_batch.onnx --source rtsp://cam1/s --source rtsp://cam2/s --mosaic all.mp4
+  dilseg run --source a.mp4 --source b.mp4 --output seg_{{i}}.mp4 --labels masks_{{i}}/   # {{i}}: 0, 1, ...
+  dilseg run --source 0 --source 1 --show --json streams.json   # one window, the streams tiled
+
 {SOURCE_HELP}
 
 Live sources keep only the newest frame (latency first; drops are counted); files and
 folders lose no frame. Ctrl-C or SIGTERM stops cleanly: the output video is finalised
 and playable, label/overlay images are written whole. A stats summary (per-stage
-p50/p95, FPS, drops, corrupt frames, reopens, memory) is printed at the end."""
+p50/p95, FPS, drops, corrupt frames, reopens, memory) is printed at the end.
+With several sources each stream keeps its own policy, outputs and reconnects (a stream
+that drops is retried while the others go on), a batch takes at most one frame per stream,
+and the summary has a row per stream (FPS, latency p50/p95, dropped, corrupt, reopens)."""
 
 INFO_EPILOG = """\
 examples:
   dilseg info                        # the shipped CamVid model
   dilseg info edge_m.onnx            # classes, palette, input size, normalisation, output kind, I/O
   dilseg info edge_m.engine          # the engine's sidecar: model metadata plus build facts
-  dilseg info edge_m.onnx --json     # machine-readable"""
+  dilseg info edge_m.onnx --json     # machine-readable
+  dilseg info triton://127.0.0.1:8001/edge_m   # what a Triton server says about the model it serves"""
 
 BENCH_EPILOG = f"""\
 examples:
@@ -51,6 +61,7 @@ examples:
   dilseg bench --model edge_m.engine --frames 500 --json bench.json
   dilseg bench --model runs/edge_m/best.safetensors     # the trained weights on PyTorch, same pipeline
   dilseg bench --model triton://127.0.0.1:8001/edge_m --shared-memory   # Triton on this machine, no socket copies
+  dilseg bench --model edge_m_batch.onnx --source test:// --source test:// --source test:// --source test://
 
 It runs the whole pipeline (source -> preprocess -> infer -> postprocess -> render, no sink)
 for WARMUP + FRAMES frames, reporting per-stage p50/p95 latency and end-to-end FPS, then
@@ -70,7 +81,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=fmt,
                        description="Segment frames from a source and show or save the result.")
     _model_args(r)
-    r.add_argument("--source", default="test://", help="what to segment (default test://, see below)")
+    r.add_argument("--source", action="append", metavar="SOURCE",
+                   help="what to segment (default test://, see below); repeat for several streams")
     r.add_argument("--output", metavar="FILE", help="write the rendered video here (.mp4 .avi .mkv .mov)")
     r.add_argument("--output-fps", type=float, help="frame rate of --output (default: the source's, else 30)")
     r.add_argument("--overlays", metavar="DIR", help="write each rendered frame as an image into DIR")
@@ -82,6 +94,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--legend", action="store_true", help="draw the class legend with area percentages")
     r.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--json", metavar="FILE", help="also write the run's stats as JSON (per stream with several)")
+    _streams_args(r)
+    m = r.add_argument_group("several sources")
+    m.add_argument("--mosaic", metavar="FILE", help="one video of every stream tiled in a grid, a picture per batch")
     r.set_defaults(func=cmd_run)
 
     i = sub.add_parser("info", help="print an artifact's metadata (.onnx or .engine)", epilog=INFO_EPILOG,
@@ -95,12 +111,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                        epilog=BENCH_EPILOG, formatter_class=fmt,
                        description="Benchmark the pipeline against raw inference of the same model.")
     _model_args(b)
-    b.add_argument("--source", default=DEFAULT_BENCH_SOURCE, help=f"what to read (default {DEFAULT_BENCH_SOURCE})")
+    b.add_argument("--source", action="append", metavar="SOURCE",
+                   help=f"what to read (default {DEFAULT_BENCH_SOURCE}); repeat to benchmark several streams batched")
     b.add_argument("--frames", type=int, default=200, help="measured frames (default 200)")
     b.add_argument("--warmup", type=int, default=20, help="frames run before measuring (default 20)")
     b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     b.add_argument("--quiet", action="store_true", help="no progress bar")
+    _streams_args(b)
     b.set_defaults(func=cmd_bench)
+
+
+def _streams_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-batch", type=int, metavar="N",
+                   help="several sources: at most N frames per inference (default: one per stream, as the model allows)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -164,7 +187,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError(f"--alpha {args.alpha}: must be within 0..1")
     if args.max_frames is not None and args.max_frames < 1:
         raise CliError(f"--max-frames {args.max_frames}: must be >= 1")
+    sources = args.source or ["test://"]
     model = resolve_model(args.model)
+    if len(sources) > 1 or args.mosaic:
+        from .cli_multistream import run_streams
+
+        return run_streams(args, sources, model)
+    if args.max_batch is not None:
+        raise CliError("--max-batch is for several sources (repeat --source)")
+    args.source = sources[0]
+    from .cli_eval import check_json_target
+
+    check_json_target(args.json)
     with contextlib.ExitStack() as stack:
         # Everything is opened and validated before the first frame: a bad source, an unwritable
         # output or an unloadable model fails here, and the sinks opened so far leave nothing.
@@ -202,6 +236,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not sink.spec.startswith("window"):
             count = getattr(sink, "count", 0)
             print(f"wrote {sink.spec} ({count} frames)" if count else f"nothing written to {sink.spec}")
+    if args.json:
+        from .cli_multistream import write_json
+
+        lat = stats.stages.get("latency")
+        write_json(args.json, {"source": source.spec, "live": source.live, **stats.to_dict(),
+                               "latency_ms": {"p50": lat.percentile(50), "p95": lat.percentile(95)} if lat else None})
+        print(f"wrote {args.json}")
     return 130 if stats.stopped_by == "SIGINT" else 0
 
 
@@ -212,18 +253,24 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .defaults import resolve_model
 
     path = resolve_model(args.artifact, flag="ARTIFACT")
-    meta = read_meta(path)
-    facts: dict = {"artifact": str(path), "size_bytes": path.stat().st_size}
-    if is_engine(path):
-        facts["build"] = {k: v for k, v in read_sidecar(path).items() if k != "meta"}
+    if isinstance(path, str):  # a triton:// URL: what the server says about the model it serves
+        from .backends import open_backend
+
+        with open_backend(path) as served:
+            meta, facts = served.meta, {"artifact": path, "served": served.describe()}
     else:
-        facts["io"] = _onnx_io(path)
+        meta = read_meta(path)
+        facts = {"artifact": str(path), "size_bytes": path.stat().st_size}
+        if is_engine(path):
+            facts["build"] = {k: v for k, v in read_sidecar(path).items() if k != "meta"}
+        else:
+            facts["io"] = _onnx_io(path)
     if args.json:
         print(json.dumps({**facts, "meta": meta.to_dict()}, indent=2, sort_keys=True))
         return 0
     size = f"{meta.input_size[0]}x{meta.input_size[1]}" if meta.input_size else "dynamic (any HxW, multiples of 8)"
     lines = [
-        f"{path}  ({facts['size_bytes'] / (1 << 20):.1f} MiB)",
+        f"{path}  ({facts['size_bytes'] / (1 << 20):.1f} MiB)" if "size_bytes" in facts else f"{path}  (served by Triton)",
         f"model          {meta.model}",
         f"input          {meta.layout} {size}, colour order {meta.color_order}",
         f"normalisation  (pixel/255 - mean) / std, mean {list(meta.mean)}, std {list(meta.std)}",
@@ -243,7 +290,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         for kind in ("inputs", "outputs"):
             for t in facts["io"][kind]:
                 lines.append(f"{kind[:-1]:<14} {t['name']}: {t['type']} {t['shape']}")
-    for key, value in sorted(facts.get("build", {}).items()):
+    for key, value in sorted({**facts.get("build", {}), **facts.get("served", {})}.items()):
         lines.append(f"{key:<14} {value}")
     print("\n".join(lines))
     return 0
@@ -272,7 +319,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.frames < 1 or args.warmup < 0:
         raise CliError("--frames must be >= 1 and --warmup >= 0")
     check_json_target(args.json)  # before the benchmark, not after it
+    sources = args.source or [DEFAULT_BENCH_SOURCE]
     model = resolve_model(args.model)
+    if len(sources) > 1:
+        from .cli_multistream import bench_streams
+
+        return bench_streams(args, sources, model)
+    if args.max_batch is not None:
+        raise CliError("--max-batch is for several sources (repeat --source)")
+    args.source = sources[0]
     with contextlib.ExitStack() as stack:
         source = stack.enter_context(open_source(args.source))
         backend = _open_backend(args, model)

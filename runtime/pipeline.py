@@ -133,6 +133,7 @@ class FrameResult:
     labels: np.ndarray | None = None  # HxW uint8 class ids at frame size
     meta: ModelMeta | None = None  # the model that made ``labels``
     rendered: np.ndarray | None = None  # the picture of the pipeline's view (None without one)
+    batch: int | None = None  # the shared inference it ran in (several streams through one backend)
 
 
 class Pipeline:
@@ -284,7 +285,7 @@ class Pipeline:
                     continue
                 segmenter = self.segmenter  # read once: a model swapped meanwhile applies to the next frame
                 seg = segmenter(item.frame)
-                item.labels, item.meta = seg.labels, segmenter.meta
+                item.labels, item.meta, item.batch = seg.labels, segmenter.meta, seg.batch
                 item.timings.update(seg.timings)
                 if not self._put(self.results_q, item):
                     break
@@ -336,32 +337,7 @@ class Pipeline:
     # ------------------------------------------------------------------ run
 
     def _install_signals(self) -> dict:
-        if not self.handle_signals or threading.current_thread() is not threading.main_thread():
-            return {}
-        previous = {}
-
-        first: list[float] = []
-
-        def handler(signum, _frame):
-            name = signal.Signals(signum).name
-            if first:
-                # A second signal a moment later (a second Ctrl-C) stops waiting for the stages;
-                # one within a second is the same request delivered twice (e.g. `timeout` sends
-                # to the process and to its group).
-                if time.monotonic() - first[0] > 1.0:
-                    raise KeyboardInterrupt
-                return
-            first.append(time.monotonic())
-            log.warning("%s received: stopping; finishing the frames in flight and closing outputs "
-                        "(again to stop at once)", name)
-            self.stop(name)
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                previous[sig] = signal.signal(sig, handler)
-            except (ValueError, OSError):  # not allowed here (embedded interpreters)
-                pass
-        return previous
+        return stop_on_signals(self.stop) if self.handle_signals else {}
 
     def run(self) -> PipelineStats:
         previous = self._install_signals()
@@ -424,3 +400,33 @@ class Pipeline:
         from tqdm import tqdm
 
         return tqdm(total=self._total(), unit="frame", desc="segmenting", dynamic_ncols=True, leave=False)
+
+
+def stop_on_signals(stop: Callable[[str], None]) -> dict:
+    """Turn SIGINT/SIGTERM into ``stop(signal name)`` while a run lasts; returns the previous
+    handlers for ``signal.signal`` to put back. Only in the main thread (elsewhere: {})."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous = {}
+    first: list[float] = []
+
+    def handler(signum, _frame):
+        name = signal.Signals(signum).name
+        if first:
+            # A second signal a moment later (a second Ctrl-C) stops waiting for the stages;
+            # one within a second is the same request delivered twice (e.g. `timeout` sends
+            # to the process and to its group).
+            if time.monotonic() - first[0] > 1.0:
+                raise KeyboardInterrupt
+            return
+        first.append(time.monotonic())
+        log.warning("%s received: stopping; finishing the frames in flight and closing outputs "
+                    "(again to stop at once)", name)
+        stop(name)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except (ValueError, OSError):  # not allowed here (embedded interpreters)
+            pass
+    return previous

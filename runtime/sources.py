@@ -92,6 +92,11 @@ class LatestSlot:
             return item
 
     @property
+    def waiting(self) -> bool:
+        """An item is there for ``get`` to take."""
+        return self._full
+
+    @property
     def finished(self) -> bool:
         """Ended or closed: ``put`` takes nothing more."""
         return self._ended or self.closed

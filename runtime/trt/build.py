@@ -93,7 +93,8 @@ def resolve_profile(input_name: str, input_dims: list, min_s: str | None = None,
             if dims != fixed:
                 raise BuildError(f"{flag} {text}: this ONNX has a fixed input {'x'.join(map(str, fixed))}, so shapes "
                                  "cannot be chosen; export a dynamic ONNX (`dilseg export onnx --dynamic`) to build "
-                                 "an engine for other sizes")
+                                 "an engine for other sizes, or free its batch axis (`dilseg export onnx --from "
+                                 "MODEL.onnx --batch dynamic`) to batch several streams")
         return ShapeProfile(input_name, fixed, fixed, fixed), False
     used_default = False
     if not given:

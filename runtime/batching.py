@@ -1,0 +1,294 @@
+"""One loaded backend shared by several streams, their frames run together as one batch.
+
+Each stream keeps its own Pipeline (capture, newest-frame or no-loss policy, sinks, stats,
+reconnects); what it is given as its segmenter is a ``StreamSegmenter`` of one ``Batcher``.
+A stream's inference thread preprocesses its frame, hands the tensor over and waits; the
+batcher's thread stacks what the streams have handed over into one ``backend.infer`` and hands
+each stream its slice back, which the stream postprocesses itself::
+
+    batcher = Batcher(backend)
+    pipelines = [Pipeline(src, batcher.stream(f"stream {i}"), sinks) for i, src in enumerate(sources)]
+
+Fairness comes from the hand-over: a stream waits for its frame's result before it offers the
+next, so every batch holds at most one frame per stream, and a stream waits at most for the
+batch in progress, however fast the others are. A batch starts as soon as every stream that
+has a frame to offer has offered it (``expected``), or ``max_wait_ms`` after the first one:
+streams whose camera has nothing new are not waited for.
+
+The batch size is what the artifact takes (``Backend.batch_range``): any for a free batch axis,
+up to the engine profile's largest for TensorRT, exactly N for a graph fixed at N (a shorter
+batch is padded with copies of its last frame). A graph fixed at one frame runs the streams'
+frames one after another, in the same fair order, through the same backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .backends.base import Backend, BackendError
+from .pipeline import StageTimes
+from .postprocess import postprocess
+from .preprocess import preprocess
+from .segmenter import Segmentation, Segmenter
+
+log = logging.getLogger("dilseg.batching")
+
+# How long the first frame of a batch waits for the frames other streams are about to offer,
+# unless told (max_wait_ms): a quarter of the last batch's inference, within these bounds. A
+# stream's frame comes a preprocessing step after its previous result, which is a small part of
+# an inference; waiting longer than that would only delay everyone for a stream that is late.
+AUTO_WAIT_SHARE = 0.25
+AUTO_WAIT_MS = (2.0, 50.0)
+
+
+@dataclass(eq=False)
+class _Request:
+    stream: "StreamSegmenter"
+    tensor: np.ndarray | None  # preprocessed 1xCxHxW, or None when the backend takes the frame itself
+    frame: np.ndarray
+    submitted: float
+    done: threading.Event = field(default_factory=threading.Event)
+    output: np.ndarray | None = None
+    error: BaseException | None = None
+    batch: int = -1
+    size: int = 0
+    started: float = 0.0
+    infer_ms: float = 0.0
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.tensor.shape if self.tensor is not None else self.frame.shape
+
+
+@dataclass
+class BatchStats:
+    """The batches a Batcher ran: how many, their sizes, how long each inference took (ms)."""
+
+    batches: int = 0
+    frames: int = 0
+    sizes: dict[int, int] = field(default_factory=dict)  # batch size -> how many batches had it
+    infer: StageTimes = field(default_factory=StageTimes)  # per batch
+    padded: int = 0  # copies added to fill a graph fixed at a larger batch
+
+    @property
+    def mean_size(self) -> float:
+        return self.frames / self.batches if self.batches else 0.0
+
+    def to_dict(self) -> dict:
+        return {"batches": self.batches, "frames": self.frames, "mean_size": self.mean_size,
+                "sizes": {str(k): v for k, v in sorted(self.sizes.items())}, "padded": self.padded,
+                "infer_ms_per_batch": {"p50": self.infer.percentile(50), "p95": self.infer.percentile(95),
+                                       "mean": self.infer.mean}}
+
+
+class Batcher:
+    """Runs the frames that several streams hand over as batches on one backend, in one thread.
+
+    ``max_batch`` caps the batch (default: what the backend takes, else the number of streams);
+    ``max_wait_ms`` bounds how long the first frame of a batch waits for the others (default:
+    a quarter of the last inference, 2 to 50 ms). ``close()``
+    stops the thread (it does not close the backend, which the caller owns).
+    """
+
+    def __init__(self, backend: Backend, max_batch: int | None = None, max_wait_ms: float | None = None) -> None:
+        lo, hi = backend.batch_range()
+        if max_batch is not None:
+            if max_batch < 1:
+                raise BackendError(f"--max-batch {max_batch}: must be 1 or more")
+            if hi is not None and max_batch > hi:
+                raise BackendError(f"--max-batch {max_batch}: {backend.path.name} takes at most {hi} frames per "
+                                   "inference" + ("; free its batch axis with `dilseg export onnx --from "
+                                                  f"{backend.path.name} --batch dynamic`" if hi == 1 else
+                                                  "; rebuild the engine with a larger --max batch"))
+        self.backend, self.meta = backend, backend.meta
+        caps = [x for x in (max_batch, hi) if x is not None]
+        self.min_batch, self.limit = lo, min(caps) if caps else None  # limit None: one frame per stream
+        # A backend that preprocesses on the GPU keeps doing so where frames run one at a time.
+        self.frame_input = backend.capabilities.frame_input and self.limit == 1
+        self.max_wait_ms = max_wait_ms
+        self.stats = BatchStats()
+        self.listeners: list[Callable[[int, list["StreamSegmenter"]], None]] = []  # (batch, its streams)
+        self._cond = threading.Condition()
+        self._pending: list[_Request] = []
+        self._streams: list[StreamSegmenter] = []
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="dilseg-batcher", daemon=True)
+        self._thread.start()
+
+    @property
+    def batching(self) -> bool:
+        """Whether frames of several streams can share one inference."""
+        return self.limit is None or self.limit > 1
+
+    def describe(self) -> str:
+        if not self.batching:
+            return "one frame per inference (the artifact's batch is fixed at 1)"
+        if self.min_batch > 1:
+            return f"batches of exactly {self.min_batch} (the artifact's fixed batch; short ones padded)"
+        return f"batches of up to {self.limit if self.limit is not None else 'one frame per stream'}"
+
+    # -- streams -----------------------------------------------------------------------------
+
+    def stream(self, name: str = "", expected: Callable[[], bool] | None = None) -> "StreamSegmenter":
+        """A segmenter for one more stream. ``expected()`` says whether that stream has a frame
+        waiting to be offered (a batch waits for it, up to ``max_wait_ms``)."""
+        stream = StreamSegmenter(self, name or f"stream {len(self._streams)}", expected)
+        with self._cond:
+            if self._closed:
+                raise BackendError("the batcher is closed")
+            self._streams.append(stream)
+        return stream
+
+    def leave(self, stream: "StreamSegmenter") -> None:
+        """``stream`` offers no more frames: batches stop waiting for it."""
+        with self._cond:
+            if stream in self._streams:
+                self._streams.remove(stream)
+            self._cond.notify_all()
+
+    def submit(self, stream: "StreamSegmenter", tensor: np.ndarray | None, frame: np.ndarray) -> _Request:
+        """Hand a frame over and wait until its batch has run; raises what the backend raised."""
+        request = _Request(stream, tensor, frame, time.perf_counter())
+        with self._cond:
+            if self._closed:
+                raise BackendError("the batcher is closed")
+            self._pending.append(request)
+            self._cond.notify_all()
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return request
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=10)
+        for request in self._pending:  # nobody will run them now
+            request.error = BackendError("the batcher was closed before this frame ran")
+            request.done.set()
+
+    def __enter__(self) -> "Batcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- the batching thread -------------------------------------------------------------------
+
+    def _still_coming(self, limit: int) -> bool:
+        """Whether a stream that has not offered a frame yet is about to (called under the lock)."""
+        if len(self._pending) >= limit:
+            return False
+        offered = {id(r.stream) for r in self._pending}
+        return any(id(s) not in offered and s.expected() for s in self._streams)
+
+    def _take(self) -> list[_Request] | None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._pending or self._closed)
+            if not self._pending:
+                return None
+            limit = self.limit or max(1, len(self._streams))
+            if limit > 1:
+                # Counted from when this thread is free: frames that came during the last batch
+                # have waited already, but the streams it just answered need a moment to offer again.
+                deadline = time.perf_counter() + self._wait_s()
+                while not self._closed and self._still_coming(limit):
+                    left = deadline - time.perf_counter()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            # Frames of one shape only (a dynamic-size model may see several); the rest keep
+            # their place for the next batch.
+            shape = self._pending[0].shape
+            batch = [r for r in self._pending if r.shape == shape][:limit]
+            self._pending = [r for r in self._pending if r not in batch]
+            return batch
+
+    def _wait_s(self) -> float:
+        if self.max_wait_ms is not None:
+            return self.max_wait_ms / 1e3
+        last = self.stats.infer.ring[(self.stats.infer.count - 1) % len(self.stats.infer.ring)] \
+            if self.stats.infer.count else 0.0
+        lo, hi = AUTO_WAIT_MS
+        return min(hi, max(lo, AUTO_WAIT_SHARE * last)) / 1e3
+
+    def _loop(self) -> None:
+        while (batch := self._take()) is not None:
+            self._run(batch)
+
+    def _run(self, batch: list[_Request]) -> None:
+        number = self.stats.batches
+        for listener in self.listeners:
+            listener(number, [r.stream for r in batch])
+        started = time.perf_counter()
+        try:
+            if self.frame_input:
+                outputs = [self.backend.infer_frame(batch[0].frame)]
+            else:
+                tensors = [r.tensor for r in batch]
+                pad = max(0, self.min_batch - len(tensors))
+                x = tensors[0] if len(tensors) == 1 and not pad else np.concatenate(tensors + tensors[-1:] * pad)
+                out = self.backend.infer(x)
+                outputs = [out[i:i + 1] for i in range(len(batch))]
+                self.stats.padded += pad
+        except BaseException as exc:  # noqa: BLE001 - each waiting stream raises it in its own thread
+            for r in batch:
+                r.error = exc
+                r.done.set()
+            return
+        ms = (time.perf_counter() - started) * 1e3
+        stats = self.stats
+        stats.batches += 1
+        stats.frames += len(batch)
+        stats.sizes[len(batch)] = stats.sizes.get(len(batch), 0) + 1
+        stats.infer.add(ms)
+        for r, output in zip(batch, outputs):
+            r.output, r.batch, r.size, r.started, r.infer_ms = output, number, len(batch), started, ms
+            r.done.set()
+
+
+class StreamSegmenter(Segmenter):
+    """What one stream's Pipeline uses as its segmenter: preprocessing and postprocessing in the
+    stream's own thread, inference in its Batcher's batches. Timings: ``preprocess``, ``batch_wait``
+    (handed over until its batch started), ``infer`` (the batch's inference), ``postprocess``."""
+
+    def __init__(self, batcher: Batcher, name: str, expected: Callable[[], bool] | None = None) -> None:
+        super().__init__(batcher.backend)
+        self.batcher, self.name = batcher, name
+        self.waiting: Callable[[], bool] = expected or (lambda: False)  # a frame waits to be offered
+        self._preparing = False
+        self.frames = 0
+
+    def expected(self) -> bool:
+        """A frame of this stream is being prepared or waits to be taken."""
+        return self._preparing or self.waiting()
+
+    def process(self, frame: np.ndarray) -> Segmentation:
+        self._preparing = True
+        try:
+            t0 = time.perf_counter()
+            tensor = None if self.batcher.frame_input else preprocess(frame, self.meta)
+            t1 = time.perf_counter()
+        finally:
+            self._preparing = False
+        request = self.batcher.submit(self, tensor, frame)
+        t2 = time.perf_counter()
+        labels = postprocess(request.output, self.meta, frame.shape)
+        t3 = time.perf_counter()
+        self.frames += 1
+        timings = {"preprocess": (t1 - t0) * 1e3, "batch_wait": (request.started - request.submitted) * 1e3,
+                   "infer": request.infer_ms, "postprocess": (t3 - t2) * 1e3}
+        return Segmentation(labels, timings, frame, batch=request.batch)
+
+    __call__ = process
+
+    def close(self) -> None:
+        """This stream is done; the shared backend stays open (its owner closes it)."""
+        self.batcher.leave(self)
