@@ -49,8 +49,9 @@ def calibration_images(calib_dir: str | Path | None, count: int) -> list[Path]:
     """Up to ``count`` images spread evenly over a folder (frames of a video sequence sit next to
     each other, so the first N would all show the same street).
 
-    ``calib_dir`` may be an image folder, a dataset split with images/, or a dataset root
-    with train/images (calibrate on training images, keep val for measuring).
+    ``calib_dir`` may be an image folder, a dataset split with images/, a dataset root
+    with train/images (calibrate on training images, keep val for measuring), or a
+    Cityscapes root (leftImg8bit/train/CITY/*.png).
     """
     if calib_dir is None:
         raise QuantizeError("fp16 and int8 exports need --calib-dir DIR: real images (e.g. ../shared/data/camvid/train) "
@@ -60,13 +61,16 @@ def calibration_images(calib_dir: str | Path | None, count: int) -> list[Path]:
     root = Path(calib_dir)
     if not root.is_dir():
         raise QuantizeError(f"--calib-dir {root}: no such folder")
-    for folder in (root, root / "images", root / "train" / "images"):
+    cityscapes = root / "leftImg8bit" / "train"
+    for folder in (root, root / "images", root / "train" / "images", cityscapes):
         if folder.is_dir():
-            images = list_images(folder)
+            images = [p for city in sorted(folder.iterdir()) if city.is_dir() for p in list_images(city)] \
+                if folder == cityscapes else list_images(folder)
             if images:
                 break
     else:
-        raise QuantizeError(f"--calib-dir {root}: no images (.jpg, .png, ...) in it, in images/ or in train/images/")
+        raise QuantizeError(f"--calib-dir {root}: no images (.jpg, .png, ...) in it, in images/, in train/images/ "
+                            "or in leftImg8bit/train/ (Cityscapes)")
     picks = np.unique(np.linspace(0, len(images) - 1, min(count, len(images))).round().astype(int))
     return [images[i] for i in picks]
 

@@ -144,3 +144,10 @@ def test_bad_datasets_name_the_file(own, cityscapes, tmp_path) -> None:
     with pytest.raises(DatasetError, match=rf"{gt.name}: label ids \[40\] are not Cityscapes label ids"):
         open_dataset(cs, "val").read_label(0)
     assert len(list_images(own / "val" / "images")) == 4  # the originals are untouched
+
+
+def test_int8_calibration_reads_a_cityscapes_root(cityscapes) -> None:
+    from dilseg.export.quantize import calibration_images
+
+    picks = calibration_images(cityscapes, 3)
+    assert len(picks) == 3 and all(p.parent.parent == cityscapes / "leftImg8bit" / "train" for p in picks)
