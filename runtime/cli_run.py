@@ -102,8 +102,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     i = sub.add_parser("info", help="print an artifact's metadata (.onnx or .engine)", epilog=INFO_EPILOG,
                        formatter_class=fmt, description="Print what an exported model or engine says about itself.")
-    i.add_argument("artifact", nargs="?", help="an .onnx file or an .engine/.plan (with its .json sidecar); "
-                                                "default: the shipped CamVid model")
+    i.add_argument("artifact", nargs="?", help="an .onnx file, an .engine/.plan (with its .json sidecar) or a "
+                                                "triton://HOST:PORT/MODEL; default: the shipped CamVid model")
     i.add_argument("--json", action="store_true", help="print JSON")
     i.set_defaults(func=cmd_info)
 

@@ -170,6 +170,19 @@ def test_bad_requests_are_one_line_errors_and_leave_the_repository_as_it_was(tmp
     assert parse_config(repo / NAME / "config.pbtxt").max_batch_size == 2
 
 
+def test_export_triton_needs_no_torch(tmp_path):
+    from test_no_torch import BLOCK_TORCH, python
+
+    r = python(BLOCK_TORCH + f"""
+import sys
+from dilseg.runtime.cli import main
+assert main(["export", "triton", {str(MODEL)!r}, "-o", {str(tmp_path / "repo")!r}, "--platform", "python"]) == 0
+print("LOADED", sorted(m for m in sys.modules if m.split(".")[0] == "torch"))
+""")
+    assert r.returncode == 0, r.stderr
+    assert "LOADED []" in r.stdout and (tmp_path / "repo" / NAME / "1" / "model.py").is_file()
+
+
 def test_check_config_refuses_what_triton_would(tmp_path):
     from dilseg.export.triton_repo import TritonRepoError, check_config
 
@@ -300,6 +313,15 @@ def test_server_down_model_missing_and_not_ready_are_clear_errors(server):
         open_backend(url(server, "broken"))
     with pytest.raises(TritonModelError, match="has no version 7"):
         open_backend(url(server) + "/7")
+
+
+def test_info_reads_the_served_model_from_the_server(server, capsys):
+    assert main(["info", url(server, http=True)]) == 0
+    out = capsys.readouterr().out
+    assert "served by Triton" in out and "Sky" in out and "sends          BGR uint8 frames" in out
+    assert main(["info", url(server), "--json"]) == 0
+    facts = json.loads(capsys.readouterr().out)
+    assert facts["meta"]["classes"] == list(read_meta(MODEL).classes) and facts["served"]["max_batch_size"] == 8
 
 
 def test_cli_errors_are_one_line(server, capsys):

@@ -485,7 +485,17 @@ class TritonBackend(Backend):
                                      "its config parameters disagree; re-export it with `dilseg export triton`")
         return output
 
-    # -- for tests and benchmarks ---------------------------------------------------------------
+    # -- for people, tests and benchmarks -------------------------------------------------------
+
+    def describe(self) -> dict:
+        """What the server's config says beyond the metadata: the tensors, batching, what is sent."""
+        self.require_loaded()
+        s = self.served
+        return {"server": str(self.url), "sends": "BGR uint8 frames" if s.frame_input else "normalised tensors",
+                "max_batch_size": s.max_batch_size,
+                "input": f"{s.input_name}: {s.input_type} {list(s.input_dims)}",
+                "output": f"{s.output_name}: {s.output_type} {list(s.output_dims)}"}
+
 
     def statistics(self) -> dict:
         """The server's inference statistics of this model (Triton's JSON: batch_stats, counts, times)."""
