@@ -191,3 +191,27 @@ def test_memory_does_not_grow_over_many_frames(segmenter) -> None:
     assert stats.frames_out == 2000
     growth = (rss[1999] - rss[400]) / (1 << 20)
     assert growth < 8.0, f"RSS grew by {growth:.1f} MiB from frame 400 to 2000"
+
+
+def test_latest_sink_publishes_each_result_and_a_swapped_view_applies_to_later_frames(segmenter) -> None:
+    from dilseg.runtime.sinks import LatestSink
+
+    sink, calls, seen = LatestSink(), [], []
+    sink.subscribe(lambda: calls.append(sink.seq))
+    pipeline = Pipeline(open_source("test://96x64?frames=6"), segmenter, [sink], view=ViewSettings("mask"))
+
+    def on_result(result) -> None:
+        seen.append(result)
+        assert sink.latest() is result  # published before on_result runs
+        if result.index == 2:
+            pipeline.view = ViewSettings("side-by-side")
+
+    pipeline.on_result = on_result
+    pipeline.run()
+    assert [r.index for r in seen] == list(range(6)) and calls == [1, 2, 3, 4, 5, 6, 6]  # and once on close
+    assert sink.closed and sink.latest() is seen[-1]
+    for r in seen:
+        assert r.meta is segmenter.meta and r.labels.shape == (64, 96)
+        want = ViewSettings("mask" if r.index <= 2 else "side-by-side")  # drawn after on_result(2)
+        assert r.rendered.shape == ((64, 96, 3) if want.view == "mask" else (64, 192, 3)), r.index
+        np.testing.assert_array_equal(r.rendered, want.render(r.frame, r.labels, r.meta))
