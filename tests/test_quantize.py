@@ -107,6 +107,30 @@ def test_int8_and_fp16_keep_the_runtime_boundary(tmp_path_factory) -> None:
         assert labels.shape == (1, *SIZE) and labels.min() >= 0 and labels.max() <= 10
 
 
+def test_label_nodes_after_the_argmax_stay_unquantised(tmp_path_factory) -> None:
+    """The reduced head moves class ids through a float nearest Resize; a Q/DQ pair there would
+    round them to the quantisation grid, i.e. to other classes."""
+    data = SegmentationDataset(CAMVID, "val")
+    for target in ("tensorrt", "cpu"):
+        path = tiny_onnx(tmp_path_factory, "int8", target)
+        model = onnx.load(str(path))
+        assert read_meta(path).extra["head"] == "half"
+        consumers = {}
+        for node in model.graph.node:
+            for name in node.input:
+                consumers.setdefault(name, []).append(node)
+        after, todo = [], [o for n in model.graph.node if n.op_type == "ArgMax" for o in n.output]
+        while todo:
+            for node in consumers.get(todo.pop(), []):
+                after.append(node.op_type)
+                todo.extend(node.output)
+        assert "Resize" in after and not {"QuantizeLinear", "DequantizeLinear"} & set(after), after
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        labels = sess.run(None, {"input": preprocess(data.read_image(3), read_meta(path))})[0]
+        # Every 2x2 block holds one label, as the head repeats it.
+        assert np.array_equal(labels, labels[:, ::2, ::2].repeat(2, 1).repeat(2, 2)) and len(np.unique(labels)) >= 2
+
+
 def test_fp16_graph_computes_in_fp16(tmp_path_factory) -> None:
     path = tiny_onnx(tmp_path_factory, "fp16")
     model = onnx.load(str(path))
