@@ -134,6 +134,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="augmenting worker processes (default 0: in the main process); results do not depend on it")
     t.add_argument("--max-train-images", type=int, default=0, help="use only the first N images (smoke runs)")
     t.add_argument("--max-val-images", type=int, default=0, help="validate on only the first N images (smoke runs)")
+    t.add_argument("--stop-after", type=int, default=0, metavar="EPOCH",
+                   help="stop after this epoch, leaving a checkpoint that --resume continues (the schedule still "
+                        "runs to --epochs)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     t.add_argument("--overwrite", action="store_true", help="start over in an existing run folder (replaces its run files)")
     t.set_defaults(func=run_train)
@@ -270,7 +273,7 @@ def run_train(args: argparse.Namespace) -> int:
                       train_splits=tuple(s for s in args.train_splits.split(",") if s),
                       photometric=args.photometric, thin_sampling=args.thin_sampling,
                       label_smoothing=args.label_smoothing, ohem=args.ohem, ema=args.ema, amp=args.amp,
-                      channels_last=args.channels_last,
+                      channels_last=args.channels_last, stop_after=args.stop_after,
                       max_train_images=args.max_train_images, max_val_images=args.max_val_images)
     best = train(cfg, resume=args.resume, overwrite=args.overwrite)
     print(f"best weights: {best}")

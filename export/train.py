@@ -46,6 +46,7 @@ THIN_CLASSES = ("Pole", "SignSymbol", "Fence", "Pedestrian")
 RUN_FILES = ("log.csv", "last.pt", "best.safetensors", "last.safetensors", "best.json")
 # Settings that define what a run measures: resuming under other values would mix two runs.
 FIXED_ON_RESUME = ("model", "holdout", "train_splits", "seed")
+PER_INVOCATION = ("out", "data", "threads", "workers", "stop_after")  # free to change between sessions
 
 
 class TrainError(DilsegError, ValueError):
@@ -78,6 +79,7 @@ class TrainConfig:
     label_smoothing: float = 0.0
     ohem: float = 0.0  # keep pixels whose true-class probability is below this (0: off)
     ema: float = 0.0  # EMA decay per step (0: off); EMA weights are evaluated and saved
+    stop_after: int = 0  # stop after this epoch (the schedule still runs to ``epochs``); 0: run to the end
     amp: bool = False  # bf16 autocast (CUDA)
     channels_last: bool = False
 
@@ -206,7 +208,7 @@ class Run:
                                  f"{path} is a {theirs} run, not {mine}; pass the same --model, or a new --out to start "
                                  "another run")
         changed = {f.name: (old[f.name], getattr(self.cfg, f.name)) for f in fields(TrainConfig)
-                   if f.name in old and f.name not in ("out", "data", "threads", "workers")
+                   if f.name in old and f.name not in PER_INVOCATION
                    and _norm(old[f.name]) != _norm(getattr(self.cfg, f.name))}
         if changed:
             # The schedule and recipe are functions of these: resuming with new ones bends the curve.
@@ -241,6 +243,7 @@ def _loader(cfg: TrainConfig, pairs: list, meta: ModelMeta, ignore: int, num_cla
     drop_last = len(pairs) > cfg.batch_size
     loader = DataLoader(data, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                         drop_last=drop_last, persistent_workers=cfg.workers > 0, worker_init_fn=worker_init,
+                        multiprocessing_context="spawn" if cfg.workers else None,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if cfg.workers else None)
     return loader, sampler
 
@@ -295,7 +298,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
     if run.start_epoch == 0 and log_path.exists():
         log_path.unlink()  # --resume without last.pt: the log belongs to no checkpoint
 
-    for epoch in range(run.start_epoch, cfg.epochs):
+    last = min(cfg.epochs, cfg.stop_after) if cfg.stop_after else cfg.epochs
+    for epoch in range(run.start_epoch, last):
         run.model.train()
         sampler.set_epoch(epoch)
         t0 = time.time()
@@ -345,4 +349,6 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
         shown = " ".join(f"{k} mIoU {v:.4f}" for k, v in scores.items() if not math.isnan(v))
         print(f"epoch {epoch + 1}/{cfg.epochs} loss {total_loss / max(seen, 1):.4f} {shown or 'not evaluated'}"
               + (f" (best {selector} {run.best:.4f})" if selector else "") + f" {train_time:.0f}s", flush=True)
+    if last < cfg.epochs:
+        print(f"stopping after epoch {last} of {cfg.epochs}; continue with --resume", flush=True)
     return out / ("best.safetensors" if selector else "last.safetensors")

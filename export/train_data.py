@@ -151,7 +151,8 @@ class CropDataset(Dataset):
 
 
 def worker_init(_: int) -> None:
-    """One OpenCV thread per worker: the workers are the parallelism."""
+    """One OpenCV thread per worker: the workers are the parallelism. (Workers are spawned,
+    not forked: a fork of a process whose OpenCV thread pool is running hangs in the child.)"""
     import cv2
 
     cv2.setNumThreads(1)

@@ -117,3 +117,17 @@ def test_split_folder_is_used_when_present(tmp_path) -> None:
     write_pair(tmp_path / "train", "t2", tiny_frame(), tiny_label(4))
     assert [s.stem for s in SegmentationDataset(tmp_path, "val").samples] == ["v"]
     assert len(open_images(tmp_path, "train")) == 2
+
+
+def test_sequences_and_select_split_frames_by_sequence(tmp_path) -> None:
+    for stem in ("0001TP_000010", "0001TP_000040", "0006R0_000930", "single"):
+        write_pair(tmp_path, stem, tiny_frame(), tiny_label())
+    data = SegmentationDataset(tmp_path, None)
+    assert data.sequences() == ["0001TP", "0006R0", "single"]
+    held = data.select({"0006R0"})
+    rest = data.select({"0006R0"}, keep=False)
+    assert [s.stem for s in held.samples] == ["0006R0_000930"]
+    assert [s.stem for s in rest.samples] == ["0001TP_000010", "0001TP_000040", "single"]
+    assert len(data) == 4  # the original keeps every frame
+    image, label = held[0]
+    assert image.shape == (8, 16, 3) and label.shape == (8, 16)
