@@ -19,6 +19,7 @@ from dilseg.runtime.backends import Backend, BackendError, BackendOptions
 from dilseg.runtime.files import sha256_file
 from dilseg.runtime.metadata import ModelMeta
 
+from .heads import LabelHead
 from .train import camvid_meta
 from .weights import load_model, read_weights_info
 
@@ -48,6 +49,8 @@ class TorchOptions(BackendOptions):
     # an ONNX model's fixed size to compare the two at equal resolution.
     input_size: tuple[int, int] | None = None
     device: str = "auto"  # "auto" (CUDA when torch sees one), "cpu", "cuda", "cuda:1", ...
+    # The label head (export/heads.py): run an exported graph's own head to compare like with like.
+    head: str = "full"
 
     def __post_init__(self) -> None:
         if self.input_size is not None:
@@ -68,17 +71,18 @@ class TorchBackend(Backend):
     def load_impl(self) -> None:
         if not self.path.is_file():
             raise BackendError(f"{self.path}: no such weights file")
-        self.meta = weights_meta(self.path, self.options.input_size)
+        meta = weights_meta(self.path, self.options.input_size)
+        self.meta = replace(meta, extra={**meta.extra, "head": self.options.head})
         device = self.options.device
         self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                                    ("cpu" if device == "auto" else device))
         model, _ = load_model(self.path)
-        self.model = model.eval().to(self.device)
+        self.model = LabelHead(model.eval(), self.options.head).eval().to(self.device)
 
     def infer_impl(self, tensor: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            logits = self.model(torch.from_numpy(np.ascontiguousarray(tensor, dtype=np.float32)).to(self.device))
-            return logits.argmax(1).to(torch.int32).cpu().numpy()
+            x = torch.from_numpy(np.ascontiguousarray(tensor, dtype=np.float32)).to(self.device)
+            return self.model(x).cpu().numpy()
 
     def close_impl(self) -> None:
         self.model = None

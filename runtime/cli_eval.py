@@ -27,7 +27,8 @@ examples:
   dilseg verify edge_m.onnx triton://127.0.0.1:8001/edge_m --data ../shared/data/camvid --min-agreement 99.9
 
 REFERENCE and CANDIDATE are any pairing of .safetensors weights (PyTorch), .onnx and .engine
-files and triton:// served models of the same classes. Weights run at the input size of the exported side. Reported: argmax
+files and triton:// served models of the same classes. Weights run at the input size and with the
+label head of the exported side. Reported: argmax
 agreement (% of pixels with the same label), the candidate's per-class IoU against the
 reference's labels, and, where DIR has labels, each one's mIoU against the ground truth and the
 delta (candidate - reference, points). Exit status 1 when a threshold fails, 2 on bad input."""

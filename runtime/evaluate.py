@@ -222,23 +222,20 @@ def write_json(path: str | Path, payload: dict) -> None:
 
 
 def open_pair(reference: str | Path, candidate: str | Path, backend: str = "auto") -> tuple[Backend, Backend]:
-    """Load both sides of a verify. Weights run on PyTorch at the input size of the exported side
-    they are paired with, so a size difference is never mistaken for a precision loss."""
+    """Load both sides of a verify. Weights run on PyTorch at the input size and with the label
+    head of the exported side they are paired with, so neither a size nor a head difference is
+    mistaken for a precision loss."""
     is_weights = [artifact_suffix(p) == WEIGHTS_SUFFIX for p in (reference, candidate)]
     if all(is_weights):
         return open_backend(reference), open_backend(candidate)
-    if is_weights[0]:
-        cand = open_backend(candidate, backend)
-        try:
-            return open_backend(reference, input_size=cand.meta.input_size), cand
-        except BaseException:
-            cand.close()
-            raise
-    ref = open_backend(reference, backend)
+    exported = open_backend(candidate if is_weights[0] else reference, backend)
     try:
-        if is_weights[1]:
-            return ref, open_backend(candidate, input_size=ref.meta.input_size)
-        return ref, open_backend(candidate, backend)
+        if not any(is_weights):
+            return exported, open_backend(candidate, backend)
+        meta = exported.meta
+        head = meta.extra.get("head", "full") if meta.output_kind == "labels" else "full"
+        weights = open_backend(reference if is_weights[0] else candidate, input_size=meta.input_size, head=head)
     except BaseException:
-        ref.close()
+        exported.close()
         raise
+    return (weights, exported) if is_weights[0] else (exported, weights)
