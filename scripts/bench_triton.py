@@ -1,7 +1,8 @@
 """Many streams, side by side in one run: N live test:// streams through (a) N separate in-process
-runs (ONNX Runtime in each process), (b) one multi-stream run where `dilseg run` takes several
---source (batched frames of N sources on one backend; the row appears when the installed dilseg
-has it) and (c) N client processes of one Triton server with dynamic batching; then the cost of
+runs (ONNX Runtime in each process), (b) one multi-stream `dilseg run` with N --source (frames
+of N sources batched into one inference on one backend, the model's batch axis freed with
+`dilseg export onnx --from M --batch dynamic`), (c) N client processes of one Triton server with
+dynamic batching and (d) one multi-stream run whose backend is that server; then the cost of
 the network hop: the same frames segmented in-process and through Triton at N = 1, interleaved.
 
     python scripts/bench_triton.py                                # starts tritonserver itself (tests' venv)
@@ -25,6 +26,7 @@ import json
 import os
 import platform
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -84,33 +86,46 @@ def combine(streams: list[dict]) -> dict:
 
 
 def multi_stream_supported() -> bool:
-    """Whether `dilseg run` takes several --source (the batched multi-stream run)."""
+    """Whether `dilseg run` takes several --source (the batched multi-stream run) and --json."""
     out = subprocess.run([sys.executable, "-m", "dilseg.runtime.cli", "run", "--help"], capture_output=True,
                          text=True).stdout
-    return bool(re.search(r"--source A --source B|--source\b[^\n]*(repeat|several|more than one)", out))
+    return "--source A --source B" in out or ("repeat for several streams" in " ".join(out.split())
+                                              and "--json" in out)
 
 
-def run_multi_stream(model: str, n: int, source: str, seconds: float) -> dict:
-    """One `dilseg run` with N sources; its per-stream summary lines are parsed where it prints them."""
-    frames = int(seconds * 30)
-    cmd = [sys.executable, "-m", "dilseg.runtime.cli", "run", "--model", model, "--max-frames", str(frames),
-           "--quiet"]
+def run_multi_stream(model: str, n: int, source: str, seconds: float, workdir: Path) -> dict:
+    """One `dilseg run` with N sources, stopped with SIGTERM ``seconds`` after its streams start;
+    the per-stream figures come from its --json."""
+    report = workdir / f"multi_{n}.json"
+    cmd = [sys.executable, "-m", "dilseg.runtime.cli", "run", "--model", model, "--quiet", "--json", str(report)]
     for _ in range(n):
         cmd += ["--source", source]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds * 10 + 120)
-    if r.returncode != 0:
-        raise SystemExit(f"multi-stream run failed ({r.returncode}):\n{r.stderr[-2000:]}")
-    fps = [float(x) for x in re.findall(r"end-to-end ([\d.]+) FPS", r.stdout)]
-    lat = [tuple(map(float, m)) for m in re.findall(r"^\s*latency\s+([\d.]+)\s+([\d.]+)", r.stdout, re.M)]
-    per = fps[:-1] if len(fps) > n else fps  # per-stream lines first, a total last (if printed)
-    streams = [{"fps": f, "p50": (lat[i] if i < len(lat) else (np.nan, np.nan))[0],
-                "p95": (lat[i] if i < len(lat) else (np.nan, np.nan))[1], "dropped": 0} for i, f in enumerate(per)]
-    return combine(streams) if streams else {"streams": n, "aggregate_fps": float("nan")}
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    started = p.stderr.readline()  # "dilseg run: ... on N sources ...": the streams are running
+    if not started.startswith("dilseg run:"):
+        p.kill()
+        raise SystemExit(f"multi-stream run failed to start: {started}{p.stderr.read()[-2000:]}")
+    time.sleep(seconds)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    if p.returncode != 0 or not report.exists():
+        raise SystemExit(f"multi-stream run failed ({p.returncode}):\n{err[-2000:]}")
+    streams = [{"fps": s["fps"], "p50": s["latency_ms"]["p50"], "p95": s["latency_ms"]["p95"],
+                "dropped": s["dropped"]} for s in json.loads(report.read_text())["streams"]]
+    return combine(streams)
+
+
+def batch_model(model: str, workdir: Path) -> str:
+    """The model with a free batch axis, as the multi-stream run needs to batch."""
+    out = workdir / (Path(model).stem + "_batch.onnx")
+    subprocess.run([sys.executable, "-m", "dilseg.runtime.cli", "export", "onnx", "--from", model, "--batch",
+                    "dynamic", "-o", str(out)], check=True, stdout=subprocess.DEVNULL)
+    return str(out)
 
 
 def hop_cost(local_model: str, url: str, frames: int) -> dict:
     """Per-frame time (Segmenter.process: preprocess, infer, postprocess) in-process and through
-    Triton, with and without shared memory, interleaved in blocks of 10 frames."""
+    Triton, with and without shared memory, interleaved frame by frame."""
     import cv2
 
     from dilseg.runtime.backends import open_backend
@@ -126,14 +141,11 @@ def hop_cost(local_model: str, url: str, frames: int) -> dict:
     for seg in contenders.values():  # warm-up
         for pic in pics[:3]:
             seg.process(pic)
-    done = 0
-    while done < frames:
+    for i in range(frames):  # round robin, frame by frame: every contender sees the same load
         for name, seg in contenders.items():
-            for i in range(10):
-                t0 = time.perf_counter()
-                seg.process(pics[(done + i) % len(pics)])
-                times[name].append((time.perf_counter() - t0) * 1e3)
-        done += 10
+            t0 = time.perf_counter()
+            seg.process(pics[i % len(pics)])
+            times[name].append((time.perf_counter() - t0) * 1e3)
     for seg in contenders.values():
         seg.close()
     base = float(np.median(times["in-process ONNX Runtime"]))
@@ -158,7 +170,8 @@ def cpu_name() -> str:
         name = re.search(r"Model name:\s*(.+)", out).group(1).strip()
     except (OSError, AttributeError):
         name = platform.processor() or "?"
-    return f"{name}, {os.cpu_count()} logical CPUs"
+    load = ", load average {:.1f} {:.1f} {:.1f}".format(*os.getloadavg()) if hasattr(os, "getloadavg") else ""
+    return f"{name}, {os.cpu_count()} logical CPUs{load}"
 
 
 def main() -> None:
@@ -169,7 +182,7 @@ def main() -> None:
     ap.add_argument("--source", default="test://480x360?fps=30", help="each stream's live source")
     ap.add_argument("--model", default="", help="the in-process model (default: the shipped one)")
     ap.add_argument("--url", default="", help="a running server's model (default: start one here)")
-    ap.add_argument("--hop-frames", type=int, default=100, help="frames per contender for the hop cost (default 100)")
+    ap.add_argument("--hop-frames", type=int, default=200, help="frames per contender for the hop cost (default 200)")
     ap.add_argument("--json", help="also write the figures as JSON")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -199,8 +212,11 @@ def main() -> None:
                  "(c) N clients of one Triton server": lambda n: run_streams(url, n, args.source, args.seconds,
                                                                               args.warmup)}
         if multi_stream_supported():
-            kinds["(b) one multi-stream run, batched"] = lambda n: run_multi_stream(local, n, args.source,
-                                                                                     args.seconds)
+            batched = batch_model(local, Path(tmp.name))
+            kinds["(b) one multi-stream run, batched"] = lambda n: run_multi_stream(batched, n, args.source,
+                                                                                     args.seconds, Path(tmp.name))
+            kinds["(d) one multi-stream run through Triton"] = lambda n: run_multi_stream(url, n, args.source,
+                                                                                           args.seconds, Path(tmp.name))
         rows = []
         for n in counts:  # interleaved: every kind at one N before the next N
             for name, fn in kinds.items():

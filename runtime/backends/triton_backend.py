@@ -397,7 +397,15 @@ class TritonBackend(Backend):
         h, w = input_size_for(frame_bgr.shape, self.meta)
         if frame_bgr.shape[:2] != (h, w):
             frame_bgr = cv2.resize(frame_bgr, (w, h), interpolation=cv2.INTER_LINEAR)
-        return self._request(np.ascontiguousarray(frame_bgr[None]))
+        output = self._request(np.ascontiguousarray(frame_bgr[None]))
+        self.counts.add(1)
+        return output
+
+    def batch_range(self) -> tuple[int, int | None]:
+        """What the server's config allows: up to its max_batch_size frames in one request (its
+        dynamic batcher may still join requests of several clients into one execution)."""
+        self.require_loaded()
+        return (1, max(self.served.max_batch_size, 1))
 
     def infer_impl(self, tensor: np.ndarray) -> np.ndarray:
         if tensor.ndim != 4:
