@@ -323,3 +323,78 @@ def test_torch_factory_bad_inputs_are_refused_and_nothing_is_written(case, segfo
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and phrase in lines[0], stderr
     assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def adopted(segformer_onnx, work) -> Path:
+    from dilseg.export.onnx_import import adopt, write_adopted
+
+    out = work / "adopted.onnx"
+    write_adopted(adopt(segformer_onnx, PRESETS["camvid"], frames=CAMVID), out)
+    return out
+
+
+@pytest.mark.parametrize("precision, target, floor", [("fp16", "tensorrt", 99.0), ("int8", "cpu", 90.0),
+                                                      ("int8", "tensorrt", 90.0)])
+def test_precision_variants_of_an_imported_graph(adopted, work, capsys, precision, target, floor) -> None:
+    out = work / f"adopted_{precision}_{target}.onnx"
+    rc, stdout, stderr = run_cli(capsys, "export", "onnx", "--from", adopted, "--precision", precision,
+                                 "--target", target, "--calib-dir", CAMVID / "train", "--calib-images", 4, "-o", out)
+    assert rc == 0, stderr
+    meta = read_onnx_meta(out)
+    assert meta.precision == precision and meta.classes == read_onnx_meta(adopted).classes
+    assert meta.extra["imported"]["output_stride"] == 4
+    if precision == "int8":
+        assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out)).graph.node)
+    rc, stdout, stderr = run_cli(capsys, "verify", adopted, out, "--data", CAMVID, "--limit", 2, "--no-progress",
+                                 "--min-agreement", floor)
+    assert rc == 0 and "PASS" in stdout, stdout + stderr
+
+
+def test_precision_variant_from_refuses_what_it_cannot_use(adopted, segformer_onnx, work, capsys) -> None:
+    out = work / "nope.onnx"
+    rc, _, stderr = run_cli(capsys, "export", "onnx", "--from", adopted, "--precision", "fp16", "--size", "64x96",
+                            "--calib-dir", CAMVID / "train", "-o", out)
+    assert rc == 2 and "--size: --from takes everything" in stderr and not out.exists()
+    rc, _, stderr = run_cli(capsys, "export", "onnx", "--from", segformer_onnx, "--precision", "fp16",
+                            "--calib-dir", CAMVID / "train", "-o", out)
+    assert rc == 2 and "dilseg import" in stderr and not out.exists()
+
+
+def test_tensorrt_build_accepts_the_imported_graph(adopted, work) -> None:
+    """Everything of `dilseg build` that needs no GPU: profile, precision, the int8 flavour check."""
+    from dilseg.runtime.trt.build import BuildOptions, prepare
+
+    prepared = prepare(adopted, work / "adopted.engine", BuildOptions())
+    assert prepared.profile.fixed and prepared.info.meta.extra["imported"]["source"] == "segformer.onnx"
+    assert prepared.profile.min == (1, 3, *SIZE)
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_imported_graph_builds_and_matches_onnxruntime_on_tensorrt(adopted, work) -> None:
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (GPU test)")
+    pytest.importorskip("pycuda.driver", reason="pycuda is not installed (GPU test)")
+    from dilseg.runtime.trt.build import BuildOptions, build_engine
+
+    engine = work / "adopted.engine"
+    build_engine(adopted, engine, BuildOptions(progress=False))
+    with open_backend(engine, backend="tensorrt") as trt, open_backend(adopted) as ort:
+        for frame in camvid_frames():
+            x = preprocess(frame, ort.meta)
+            assert (trt.infer(x) == ort.infer(x)).mean() >= 0.999
+
+
+def test_demo_loads_an_imported_model_by_path_and_by_upload(adopted, segformer, work) -> None:
+    pytest.importorskip("streamlit")
+    from dilseg.demo.loading import ModelChoiceError, check_model, load_segmenter, save_upload
+
+    seg = load_segmenter(adopted, "ort-cpu")
+    frame = camvid_frames(1)[0]
+    assert seg(frame).labels.shape == frame.shape[:2]
+    uploaded = save_upload("segformer_dilseg.onnx", adopted.read_bytes())
+    assert check_model(uploaded).classes == PRESETS["camvid"].names
+    plain = fm.user_export(fm.Logits(segformer), work / "plain.onnx", SIZE, dynamo=False)  # weights inside the file
+    foreign = save_upload("segformer.onnx", plain.read_bytes())
+    with pytest.raises(ModelChoiceError, match="dilseg import"):
+        check_model(foreign)
