@@ -29,8 +29,14 @@ import numpy as np
 
 from .dataset import IMAGE_SUFFIXES
 from .errors import DilsegError
+from .pixel_budget import ImageTooLargeError, check_image, check_pixels
 
 log = logging.getLogger("dilseg.sources")
+
+# FFmpeg's own log lines ("[mjpeg @ 0x...] ...", "moov atom not found") would interleave with
+# dilseg's messages, which say the same in words (frames skipped and counted, a file that ended
+# early). OpenCV reads this once, when its FFmpeg backend first starts; a value set by the user wins.
+os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")  # AV_LOG_QUIET
 
 STREAM_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp")
 SPEC_HELP = (
@@ -203,12 +209,15 @@ class Source(abc.ABC):
 
 
 def _imread(path: Path) -> np.ndarray | None:
-    """BGR uint8 image or None when it cannot be decoded (truncated, garbage, unsupported)."""
+    """BGR uint8 image or None when it cannot be decoded (truncated, garbage, unsupported).
+    Raises ImageTooLargeError, before decoding, when its header announces more pixels than the
+    budget (pixel_budget)."""
     with _quiet_opencv():
         try:
             data = np.fromfile(str(path), np.uint8)
         except OSError:
             return None
+        check_image(data.data, str(path))
         frame = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     return frame
 
@@ -260,13 +269,17 @@ class FolderSource(Source):
         while self.pos < len(self.paths):
             path = self.paths[self.pos]
             self.pos += 1
-            frame = _imread(path)
+            try:
+                frame = _imread(path)
+                why = "cannot decode (corrupt or truncated)"
+            except ImageTooLargeError as exc:  # skipped like an undecodable one, and named
+                frame, why = None, str(exc).removeprefix(f"{path}: ")
             if frame is not None:
                 self.name = path.stem
                 return frame
             self.corrupt_frames += 1
             self.corrupt_paths.append(path)
-            log.warning("skipping %s: cannot decode (corrupt or truncated)", path)
+            log.warning("skipping %s: %s", path, why)
         return None
 
     def read(self) -> np.ndarray | None:
@@ -277,6 +290,25 @@ class FolderSource(Source):
 
 
 # --------------------------------------------------------------------------- video files
+
+
+def read_past_corrupt(source: Source, read: Callable[[], tuple[bool, np.ndarray | None]],
+                      position: int, failures: int = 0) -> tuple[np.ndarray | None, int]:
+    """The next decodable frame of a file (on disk or over HTTP) and the reads it took. Failures
+    followed by a good frame were corrupt frames: skipped, counted in ``source.corrupt_frames``
+    and logged; ``MAX_CORRUPT_RUN`` failures in a row are the end of the file (None). ``failures``:
+    reads that already failed just before."""
+    while True:
+        ok, frame = read()
+        if ok and frame is not None:
+            if failures:
+                source.corrupt_frames += failures
+                log.warning("%s: skipped %d undecodable frame(s) before frame %d", source.spec, failures,
+                            position + failures)
+            return frame, failures + 1
+        failures += 1
+        if failures >= MAX_CORRUPT_RUN:
+            return None, failures
 
 
 class VideoFileSource(Source):
@@ -294,33 +326,37 @@ class VideoFileSource(Source):
         count = int(self.cap.get(cv2.CAP_PROP_FRAME_COUNT) or 0)
         self.frame_count = count if count > 0 else None
         self.index = -1
+        self.delivered = 0  # decoded frames
+        self._ended = False
         self._first = self._read_frame()
         if self._first is None:
             self.cap.release()
             raise SourceError(f"{path}: the video has no decodable frames")
 
     def _read_frame(self) -> np.ndarray | None:
-        failures = 0
-        while True:
+        def read() -> tuple[bool, np.ndarray | None]:
             with _quiet_opencv():
-                ok, frame = self.cap.read()
-            self.index += 1
-            if ok and frame is not None:
-                # Failures followed by a good frame were corrupt frames, not the end of the file.
-                if failures:
-                    self.corrupt_frames += failures
-                    log.warning("%s: skipped %d undecodable frame(s) before frame %d", self.spec, failures, self.index)
-                self.name = f"{self.index:06d}"
-                return frame
-            failures += 1
-            if failures >= MAX_CORRUPT_RUN:
-                return None
+                return self.cap.read()
+
+        frame, tried = read_past_corrupt(self, read, self.index + 1)
+        self.index += tried
+        if frame is not None:
+            self.name = f"{self.index:06d}"
+            self.delivered += 1
+        return frame
 
     def read(self) -> np.ndarray | None:
         if self._first is not None:
             frame, self._first = self._first, None
             return frame
-        return self._read_frame()
+        frame = self._read_frame()
+        if frame is None and not self._ended:
+            self._ended = True
+            seen = self.delivered + self.corrupt_frames
+            if self.frame_count and seen < self.frame_count:
+                log.warning("%s: the file ended early, after %d of the %d frames its header announces "
+                            "(truncated or still being written?)", self.spec, seen, self.frame_count)
+        return frame
 
     def close(self) -> None:
         self.cap.release()
@@ -408,6 +444,7 @@ def parse_test_spec(spec: str) -> dict:
         if not m or int(m.group(1)) < 8 or int(m.group(2)) < 8:
             raise SourceError(f"{spec}: the size must look like WxH with both >= 8, e.g. test://640x480")
         w, h = int(m.group(1)), int(m.group(2))
+        check_pixels(w, h, spec)  # the pattern is drawn at full size: 30000x30000 would take gigabytes
     opts: dict = {"width": w, "height": h}
     known = {"fps": float, "frames": int, "live": int, "drop_every": int}
     for key, values in parse_qs(parts.query, keep_blank_values=True).items():
@@ -455,16 +492,18 @@ class LiveSource(Source):
     """A live device or stream: paced by the device, reopened with exponential back-off on drops.
 
     ``opener`` returns an object shaped like ``cv2.VideoCapture`` (``isOpened``, ``read``,
-    ``release``). A drop (read fails) closes it and retries ``opener`` after ``reopen_delay``
+    ``release``); ``describe_failure`` (or a function returning it, called only on failure) is the
+    error when it does not open, ``no_frame`` when it opens but its first read fails. A drop (read fails) closes it and retries ``opener`` after ``reopen_delay``
     seconds, doubling up to ``reopen_max_delay``, at most ``reopen_attempts`` times in a row;
     each successful reopen is logged and counted in ``reopens``.
     """
 
     live = True
 
-    def __init__(self, spec: str, opener: Callable[[], object], describe_failure: str, fps: float | None = None,
+    def __init__(self, spec: str, opener: Callable[[], object], describe_failure: str | Callable[[], str],
+                 fps: float | None = None,
                  reopen_delay: float = 0.5, reopen_max_delay: float = 8.0, reopen_attempts: int = 10,
-                 pace: float | None = None) -> None:
+                 pace: float | None = None, no_frame: str | None = None) -> None:
         self.spec = spec
         self.opener = opener
         self.fps = fps
@@ -476,11 +515,11 @@ class LiveSource(Source):
         self._pacer = Pacer(1.0 / pace if pace else None, self._wake)
         self.cap = self._try_open()
         if self.cap is None:
-            raise SourceError(describe_failure)
+            raise SourceError(describe_failure() if callable(describe_failure) else describe_failure)
         ok, frame = self._cap_read()
         if not ok:
             self.cap.release()
-            raise SourceError(describe_failure + " (it opened but delivered no frame)")
+            raise SourceError(no_frame or f"{spec}: it opened, but no frame came from it")
         self._first = frame
 
     def _try_open(self):
@@ -539,7 +578,12 @@ class LiveSource(Source):
                 ok, frame = self._cap_read()
                 if ok:
                     break
-                if not self.live or not self._reconnect():  # a file over HTTP just ends
+                if not self.live:  # a file over HTTP: corrupt frames skipped and counted, as from disk
+                    frame, _ = read_past_corrupt(self, self._cap_read, self.index + 1, failures=1)
+                    if frame is None:
+                        return None
+                    break
+                if not self._reconnect():
                     return None
         self.index += 1
         self.name = f"{self.index:06d}"
@@ -810,7 +854,9 @@ def open_source(spec: str | int, **opts) -> Source:
     if isinstance(spec, int) or re.fullmatch(r"\d+", text):
         index = int(text)
         return LiveSource(text, _camera_opener(index, opts.get("width"), opts.get("height"), opts.get("fps")),
-                          _camera_failure(index), fps=opts.get("fps"), **reopen)
+                          _camera_failure(index), fps=opts.get("fps"),
+                          no_frame=f"camera {index} opened but delivered no frame; another program may hold it, "
+                                   "or it needs another resolution (--source with a GStreamer pipeline)", **reopen)
 
     if _is_gstreamer(text):
         _need_gstreamer("a GStreamer pipeline source")
@@ -838,9 +884,18 @@ def open_source(spec: str | int, **opts) -> Source:
     if scheme in STREAM_SCHEMES:
         timeout = int(opts.get("timeout_ms", 10000))
         params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, timeout, cv2.CAP_PROP_READ_TIMEOUT_MSEC, timeout]
-        failure = (f"{text}: cannot open the stream within {timeout / 1000:.0f}s; check the URL, the network "
-                   "and credentials (try it with `ffplay URL`)")
-        src = LiveSource(text, _capture(text, cv2.CAP_FFMPEG, params), failure, **reopen)
+
+        def failure() -> str:
+            from .stream_probe import why_not_open
+
+            why = why_not_open(text, timeout=min(3.0, timeout / 1000))
+            if why is None:
+                why = "the server answers, but OpenCV cannot read a video stream from it (codec or transport)"
+            return f"{text}: cannot open the stream: {why}; check the URL (try it with `ffplay URL`)"
+
+        no_frame = (f"{text}: connected, but no frame arrived (none decoded within {timeout / 1000:.0f}s); check "
+                    "the stream plays with `ffplay URL`")
+        src = LiveSource(text, _capture(text, cv2.CAP_FFMPEG, params), failure, no_frame=no_frame, **reopen)
         fps = src.cap.get(cv2.CAP_PROP_FPS)
         src.fps = float(fps) if fps and 0 < fps < 1000 else None
         count = src.cap.get(cv2.CAP_PROP_FRAME_COUNT)
