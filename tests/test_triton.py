@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -404,3 +405,15 @@ def test_demo_page_segments_through_triton(server, monkeypatch, downloads):
     at.sidebar.radio(key="model_kind").set_value("triton").run()
     at.sidebar.text_input(key="model_url").input(url(server, "nope")).run()
     assert not at.exception and "has no model 'nope'" in demo.messages(at)
+
+
+def test_a_multi_stream_run_batches_its_sources_into_one_request(server, tmp_path, capsys):
+    with open_backend(url(server)) as backend:
+        assert backend.batch_range() == (1, 8)
+    source = "test://480x360?frames=6&live=0"
+    report = tmp_path / "streams.json"
+    assert main(["run", "--model", url(server), "--source", source, "--source", source, "--quiet",
+                 "--json", str(report)]) == 0
+    mean_batch = float(re.search(r"mean batch ([\d.]+)", capsys.readouterr().out).group(1))
+    assert 1.0 < mean_batch <= 2.0  # frames of the two streams went to the server together
+    assert [s["frames_out"] for s in json.loads(report.read_text())["streams"]] == [6, 6]
