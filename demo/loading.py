@@ -60,8 +60,10 @@ def backend_options() -> tuple[BackendOption, ...]:
     cuda = None if "CUDAExecutionProvider" in providers else (
         "this onnxruntime has no CUDA provider (install onnxruntime-gpu and a CUDA runtime)")
     return (
-        BackendOption("auto", "Auto (best available)", "auto", None, None),
+        BackendOption("auto", "Auto (fastest here)", "auto", None, None),
         BackendOption("tensorrt", "TensorRT", "tensorrt", None, _tensorrt_reason()),
+        BackendOption("openvino", "OpenVINO", "openvino", None, None if importlib.util.find_spec("openvino") else
+                      "openvino is not installed (pip install 'dilseg[openvino]')"),
         BackendOption("ort-cpu", "ONNX Runtime CPU", "onnxruntime", ("cpu",), None),
         BackendOption("ort-cuda", "ONNX Runtime CUDA", "onnxruntime", ("cuda",), cuda),
     )
@@ -127,6 +129,19 @@ def load_served(url: str) -> Segmenter:
         raise ModelChoiceError(str(exc)) from None
 
 
+def auto_choice(path: Path):
+    """What ``auto`` runs for ``path`` on this machine (a model with variants), or None."""
+    stat = path.stat()
+    return _auto_choice(str(path.resolve()), (stat.st_mtime_ns, stat.st_size))
+
+
+@lru_cache(maxsize=8)
+def _auto_choice(path: str, stamp: tuple[int, int]):
+    from dilseg.runtime.autoselect import pick
+
+    return pick(Path(path))
+
+
 def load_segmenter(path: Path, backend_key: str) -> Segmenter:
     """Open the backend and wrap it; every failure becomes a ModelChoiceError with the reason."""
     check_model(path)
@@ -134,7 +149,10 @@ def load_segmenter(path: Path, backend_key: str) -> Segmenter:
     if opt.reason:
         raise ModelChoiceError(f"{opt.label} is not available here: {opt.reason}")
     kwargs = {"providers": list(opt.providers)} if opt.providers else {}
+    choice = auto_choice(path) if opt.backend == "auto" else None
     try:
+        if choice is not None:
+            return Segmenter(open_backend(choice.path, choice.backend, **choice.options))
         return Segmenter(open_backend(path, opt.backend, **kwargs))
     except DilsegError as exc:
         raise ModelChoiceError(f"{opt.label} cannot run `{path.name}`: {exc}") from None

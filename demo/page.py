@@ -25,7 +25,7 @@ from dilseg.runtime.segmenter import Segmenter
 from dilseg.runtime.view import ViewSettings
 
 from . import shared_camera
-from .loading import (ModelChoiceError, backend_options, check_model, launch_model, load_segmenter, load_served,
+from .loading import (ModelChoiceError, auto_choice, backend_options, check_model, launch_model, load_segmenter, load_served,
                       missing_default_message, save_upload)
 from .media import IMAGE_TYPES, VIDEO_TYPES, MediaError, decode_image, segment_image, segment_video
 from .settings import ENV_SOURCE, rtc_configuration
@@ -133,6 +133,9 @@ def load_model(path: Path | str | None, backend_key: str) -> Segmenter | None:
     where = ", ".join(p.replace("ExecutionProvider", "") for p in providers) if providers else \
         str(getattr(segmenter.backend, "url", segmenter.backend.name))
     st.sidebar.caption(f"**{meta.model}** · input {size} · {meta.precision} · {meta.num_classes} classes · {where}")
+    choice = auto_choice(path) if backend_key == "auto" and not isinstance(path, str) else None
+    if choice is not None:
+        st.sidebar.caption(choice.describe())
     return segmenter
 
 

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .exit_status import HELP as EXIT_HELP
+
 SOURCE_HELP = """\
 sources (--source):
   0, 1, ...                 webcam index
@@ -44,7 +46,9 @@ and playable, label/overlay images are written whole. A stats summary (per-stage
 p50/p95, FPS, drops, corrupt frames, reopens, memory) is printed at the end.
 With several sources each stream keeps its own policy, outputs and reconnects (a stream
 that drops is retried while the others go on), a batch takes at most one frame per stream,
-and the summary has a row per stream (FPS, latency p50/p95, dropped, corrupt, reopens)."""
+and the summary has a row per stream (FPS, latency p50/p95, dropped, corrupt, reopens).
+
+{EXIT_HELP}"""
 
 INFO_EPILOG = """\
 examples:
@@ -52,6 +56,7 @@ examples:
   dilseg info edge_m.onnx            # classes, palette, input size, normalisation, output kind, I/O
   dilseg info edge_m.engine          # the engine's sidecar: model metadata plus build facts
   dilseg info edge_m.onnx --json     # machine-readable
+  dilseg info --backends             # what runs here, and what --backend auto picks for the shipped model and why
   dilseg info triton://127.0.0.1:8001/edge_m   # what a Triton server says about the model it serves"""
 
 BENCH_EPILOG = f"""\
@@ -94,6 +99,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--legend", action="store_true", help="draw the class legend with area percentages")
     r.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.add_argument("--reopen-attempts", type=int, default=10, metavar="N",
+                   help="a live source that drops is reopened up to N times in a row, with back-off from 0.5 s "
+                        "doubling to 8 s, before the run gives up with exit status 3 (default 10)")
     r.add_argument("--json", metavar="FILE", help="also write the run's stats as JSON (per stream with several)")
     _streams_args(r)
     m = r.add_argument_group("several sources")
@@ -105,6 +113,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("artifact", nargs="?", help="an .onnx file, an .engine/.plan (with its .json sidecar) or a "
                                                 "triton://HOST:PORT/MODEL; default: the shipped CamVid model")
     i.add_argument("--json", action="store_true", help="print JSON")
+    i.add_argument("--backends", action="store_true",
+                   help="the backends that run here, this machine's CPU features, and what --backend auto runs "
+                        "for the artifact and why")
     i.set_defaults(func=cmd_info)
 
     b = sub.add_parser("bench", help="per-stage latency, end-to-end vs raw inference FPS, peak memory",
@@ -144,6 +155,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--dla-core", type=int, metavar="N", help="when building from an .onnx: run on DLA core N "
                                                             "(GPU fallback), Jetson AGX Orin / Orin NX")
     t.add_argument("--rebuild", action="store_true", help="rebuild the cached engine of an .onnx even if it matches")
+    o = p.add_argument_group("OpenVINO backend (--backend openvino; pip install 'dilseg[openvino]')")
+    o.add_argument("--ov-precision", choices=["f32", "bf16", "f16"],
+                   help="OpenVINO's inference precision (default: the CPU's own, bf16 with AMX or AVX-512 BF16)")
+    o.add_argument("--ov-hint", choices=["latency", "throughput"],
+                   help="latency: one request on every core (default); throughput: parallel requests (several streams)")
+    o.add_argument("--ov-cache", metavar="DIR", help="compiled-model cache (default ~/.cache/dilseg/openvino)")
     c = p.add_argument_group("Triton client (--model triton://HOST:PORT/MODEL, from `dilseg export triton`)")
     c.add_argument("--timeout", type=float, metavar="S", help="seconds a request may take (default 10)")
     c.add_argument("--reconnect", type=float, metavar="S",
@@ -162,17 +179,34 @@ def _setup_logging() -> None:
 def _open_backend(args: argparse.Namespace, model: Path | str):
     """The backend for ``model`` with the options given on the command line; an option the chosen
     backend does not have is refused by the factory, whichever backend it is."""
+    return _open_auto(args, model)[0]
+
+
+def _open_auto(args: argparse.Namespace, model: Path | str):
+    """(backend, autoselect.Choice or None). ``--backend auto`` on a model with variants runs the
+    fastest correct one for this machine and says which and why."""
     from .backends import open_backend
 
     given = {"threads": args.threads or None, "cuda_graph": args.cuda_graph or None, "fp16": args.fp16 or None,
              "dla_core": args.dla_core, "rebuild": args.rebuild or None, "timeout": args.timeout,
-             "reconnect": args.reconnect, "shared_memory": args.shared_memory or None}
-    return open_backend(model, args.backend, **{k: v for k, v in given.items() if v is not None})
+             "reconnect": args.reconnect, "shared_memory": args.shared_memory or None,
+             "ov_precision": getattr(args, "ov_precision", None), "ov_hint": getattr(args, "ov_hint", None),
+             "ov_cache": getattr(args, "ov_cache", None)}
+    given = {k: v for k, v in given.items() if v is not None}
+    if args.backend == "auto" and isinstance(model, Path):
+        from .autoselect import pick
+
+        choice = pick(model)
+        if choice is not None:
+            print(f"dilseg: {choice.describe()}; --backend onnxruntime runs {model.name} itself", file=sys.stderr)
+            return open_backend(choice.path, choice.backend, **{**choice.options, **given}), choice
+    return open_backend(model, args.backend, **given), None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     import contextlib
 
+    from . import exit_status
     from .bench import RssProbe, peak_rss_bytes
     from .defaults import resolve_model
     from .errors import CliError
@@ -197,12 +231,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError("--max-batch is for several sources (repeat --source)")
     args.source = sources[0]
     from .cli_eval import check_json_target
+    from .output_guard import check_outputs
 
     check_json_target(args.json)
+    if args.reopen_attempts < 0:
+        raise CliError(f"--reopen-attempts {args.reopen_attempts}: must be >= 0")
+    check_outputs(args.source, args.output, [("--overlays", args.overlays, ".jpg"), ("--labels", args.labels, ".png")])
     with contextlib.ExitStack() as stack:
         # Everything is opened and validated before the first frame: a bad source, an unwritable
         # output or an unloadable model fails here, and the sinks opened so far leave nothing.
-        source = stack.enter_context(open_source(args.source))
+        source = stack.enter_context(open_source(args.source, reopen_attempts=args.reopen_attempts))
         sinks = []
         specs = ([("window", {})] if args.show else []) + \
                 ([(f"video:{args.output}", {"fps": args.output_fps or source.fps})] if args.output else []) + \
@@ -211,7 +249,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             for spec, opts in specs:
                 sinks.append(open_sink(spec, **opts))
-            backend = _open_backend(args, model)
+            backend, choice = _open_auto(args, model)
         except BaseException:
             for sink in sinks:
                 sink.abort()
@@ -221,10 +259,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         view = ViewSettings(args.view, args.alpha, legend=args.legend)
         pipeline = Pipeline(source, Segmenter(backend), sinks, view=view, max_frames=args.max_frames, on_result=probe,
                             progress=not args.quiet)
-        print(f"dilseg run: {getattr(model, 'name', model)} ({backend.name}) on {source.spec}"
+        print(f"dilseg run: {getattr(backend.path, 'name', model) if choice else getattr(model, 'name', model)} "
+              f"({backend.name}) on {source.spec}"
               f"{' (live)' if source.live else ''}; outputs: {', '.join(s.spec for s in sinks) or 'none'}",
               file=sys.stderr)
-        stats = pipeline.run()
+        try:
+            stats = pipeline.run()
+        except BaseException:
+            _report_kept(pipeline)
+            raise
         probe.end()
     print(stats.summary())
     mib = 1 / (1 << 20)
@@ -243,7 +286,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         write_json(args.json, {"source": source.spec, "live": source.live, **stats.to_dict(),
                                "latency_ms": {"p50": lat.percentile(50), "p95": lat.percentile(95)} if lat else None})
         print(f"wrote {args.json}")
-    return 130 if stats.stopped_by == "SIGINT" else 0
+    if stats.stopped_by == "source lost":
+        print(f"dilseg run: source lost: {source.spec} gave up after {args.reopen_attempts} reopen attempts; "
+              "the outputs hold the frames before", file=sys.stderr)
+    return exit_status.for_stop(stats.stopped_by)
+
+
+def _report_kept(pipeline) -> None:
+    """After a failed run: which outputs were finalised complete (with the frames they got)."""
+    for sink in pipeline.kept:
+        count = getattr(sink, "count", 0)
+        if count and not sink.spec.startswith("window"):
+            print(f"dilseg run: kept {sink.spec} ({count} frames, complete)", file=sys.stderr)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -253,6 +307,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     from .defaults import resolve_model
 
     path = resolve_model(args.artifact, flag="ARTIFACT")
+    if getattr(args, "backends", False):
+        from .autoselect import backend_lines
+
+        print("\n".join(backend_lines(None if isinstance(path, str) else path)))
+        return 0
     if isinstance(path, str):  # a triton:// URL: what the server says about the model it serves
         from .backends import open_backend
 
@@ -330,9 +389,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     args.source = sources[0]
     with contextlib.ExitStack() as stack:
         source = stack.enter_context(open_source(args.source))
-        backend = _open_backend(args, model)
+        backend, choice = _open_auto(args, model)
         stack.callback(backend.close)
-        result = bench(source, backend, frames=args.frames, warmup=args.warmup, model=str(model),
+        result = bench(source, backend, frames=args.frames, warmup=args.warmup,
+                       model=f"{backend.path} ({choice.describe()})" if choice else str(model),
                        progress=not args.quiet)
     print(result.report())
     if args.json:

@@ -20,8 +20,9 @@ def default_model_path() -> Path:
 
 
 def resolve_model(arg: str | Path | None, flag: str = "--model") -> Path | str:
-    """The model a command runs: the file given (which must exist), a model served by Triton
-    (``triton://HOST:PORT/MODEL``, returned as the string it is) or the shipped default."""
+    """The model a command runs: the file given (which must exist), a shipped model by name
+    (``edge_m_camvid``), a model served by Triton (``triton://HOST:PORT/MODEL``, returned as the
+    string it is) or the shipped default."""
     from .triton_url import is_triton_url, parse_triton_url
 
     if is_triton_url(arg):
@@ -29,6 +30,9 @@ def resolve_model(arg: str | Path | None, flag: str = "--model") -> Path | str:
         return arg
     if arg:
         path = Path(arg).expanduser()
+        shipped = default_model_path().with_name(f"{arg}.onnx")
+        if not path.exists() and not path.suffix and shipped.is_file():
+            return shipped  # a shipped model by name (edge_m_camvid): `auto` then picks its variant
         if not path.is_file():
             what = "is a folder, not a model file" if path.is_dir() else "no such file"
             raise CliError(f"{flag} {arg}: {what}; pass an .onnx from `dilseg export onnx`, an .engine from "

@@ -25,6 +25,7 @@ BUILTIN = {
     "onnxruntime": "dilseg.runtime.backends.onnxruntime_backend:OnnxRuntimeBackend",
     "tensorrt": "dilseg.runtime.trt.runner:TensorRTBackend",
     "triton": "dilseg.runtime.backends.triton_backend:TritonBackend",  # triton:// URLs, not files
+    "openvino": "dilseg.runtime.backends.openvino_backend:OpenVINOBackend",
 }
 
 # What ``auto`` runs each kind of artifact on. ONNX Runtime's provider list itself prefers its

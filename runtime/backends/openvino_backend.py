@@ -1,0 +1,260 @@
+"""OpenVINO backend: runs any dilseg ONNX (fp32, fp16, int8 QDQ) with Intel's OpenVINO runtime
+on the CPU, with the same pre- and postprocessing as every other backend.
+
+- ``ov_precision``: OpenVINO's inference precision hint (``f32``, ``bf16``, ``f16``); None keeps
+  OpenVINO's default for the device (bf16 where the CPU has AMX or AVX-512 BF16, else f32).
+  An int8 QDQ graph runs its quantised layers in int8 whatever the hint.
+- ``ov_hint``: ``latency`` (one request at a time, every core on it) or ``throughput`` (several
+  requests in flight: a batch of frames from several streams runs as parallel requests).
+- the compiled model is cached with OpenVINO's ``CACHE_DIR`` in a folder keyed, like the
+  TensorRT engine cache, by the ONNX's sha256; a record beside it says, on a recompile, which of
+  the OpenVINO version, the device, the precision or the hint changed.
+- ArgMax: OpenVINO runs an ONNX ArgMax as a TopK, which is slow on small channel counts (a third
+  of an int8 model's time); the label head's TopK is rewritten at load into the same first-index
+  maximum from element-wise ops (ReduceMax, Equal, Select), which OpenVINO fuses.
+
+``openvino`` is an optional dependency (``pip install 'dilseg[openvino]'``): importing this
+module without it fails with a message saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..artifact import ONNX_SUFFIX, read_onnx_meta
+from ..errors import os_errors_as
+from ..files import atomic_write_bytes, sha256_file
+from .base import Backend, BackendError, BackendOptions, Capabilities
+
+try:
+    import openvino as ov
+except ImportError:  # the factory turns this into a one-line "install it" message
+    ov = None
+
+PRECISIONS = ("f32", "bf16", "f16")
+HINTS = ("latency", "throughput")
+CACHE_RECORD = "dilseg-openvino-cache.json"
+INSTALL_HINT = "pip install 'dilseg[openvino]' (or pip install openvino)"
+
+
+def require_openvino():
+    if ov is None:
+        raise BackendError(f"the OpenVINO backend needs the openvino package: {INSTALL_HINT}")
+    return ov
+
+
+def user_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dilseg" / "openvino"
+
+
+def cache_folder(onnx_path: Path, onnx_sha256: str, root: str | Path | None = None) -> Path:
+    """One folder per ONNX content, as the TensorRT engine cache names engines: a changed ONNX
+    never meets the compiled blobs of the old one."""
+    return Path(root or user_cache_dir()) / f"{onnx_path.stem}-{onnx_sha256[:12]}"
+
+
+@dataclass(frozen=True)
+class OpenVINOOptions(BackendOptions):
+    ov_precision: str | None = None  # f32, bf16, f16; None: OpenVINO's default for the device
+    ov_hint: str = "latency"  # latency or throughput
+    threads: int | None = None  # inference threads (None: OpenVINO's choice, every core)
+    ov_cache: str | Path | None = None  # compiled-model cache root (None: ~/.cache/dilseg/openvino)
+    ov_device: str = "CPU"
+    log: Callable[[str], None] | None = None  # where the cache message goes (default: stderr)
+
+    def __post_init__(self) -> None:
+        if self.ov_precision is not None and self.ov_precision not in PRECISIONS:
+            raise BackendError(f"--ov-precision {self.ov_precision}: choose one of {', '.join(PRECISIONS)}")
+        if self.ov_hint not in HINTS:
+            raise BackendError(f"--ov-hint {self.ov_hint}: choose one of {', '.join(HINTS)}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise BackendError(f"--threads {self.threads}: must be a whole number >= 1")
+
+
+def rewrite_argmax(model) -> int:
+    """Replace each TopK(k=1) whose values are unused (an ONNX ArgMax) by the first index of the
+    maximum computed element-wise; returns how many were replaced. Same result as the TopK:
+    the lowest class id among equal maxima, as ONNX's ArgMax defines."""
+    import openvino.opset13 as ops
+
+    replaced = 0
+    for node in model.get_ordered_ops():
+        if node.get_type_name() != "TopK" or node.get_attributes().get("mode") != "max":
+            continue
+        k = node.input_value(1).get_node()
+        if k.get_type_name() != "Constant" or int(np.asarray(k.get_data()).reshape(-1)[0]) != 1:
+            continue
+        if node.output(0).get_target_inputs():
+            continue  # the values are used: a real TopK, not an ArgMax
+        scores = node.input_value(0)
+        axis = int(node.get_attributes()["axis"])
+        shape = scores.get_partial_shape()
+        if shape.rank.is_dynamic or shape[axis].is_dynamic:
+            continue
+        channels = shape[axis].get_length()
+        rank = shape.rank.get_length()
+        axes = ops.constant(np.array([axis], np.int64))
+        best = ops.reduce_max(scores, axes, keep_dims=True)
+        # Channel c scores (channels - c) where it reaches the maximum, 0 elsewhere; the largest
+        # such score belongs to the first maximal channel.
+        weight_shape = [1] * rank
+        weight_shape[axis] = channels
+        weights = ops.constant((channels - np.arange(channels, dtype=np.float32)).reshape(weight_shape))
+        zero = ops.constant(np.zeros([1] * rank, np.float32))
+        picked = ops.select(ops.equal(scores, best), weights, zero)
+        top = ops.reduce_max(picked, axes, keep_dims=True)
+        index = ops.subtract(ops.constant(np.full([1] * rank, channels, np.float32)), top)
+        index = ops.convert(index, node.output(1).get_element_type())
+        node.output(1).replace(index.output(0))
+        replaced += 1
+    if replaced:
+        model.validate_nodes_and_infer_types()
+    return replaced
+
+
+class OpenVINOBackend(Backend):
+    name = "openvino"
+    label = "OpenVINO"
+    suffixes = (ONNX_SUFFIX,)
+    artifacts = ".onnx models"
+    selection_hint = "add --backend openvino and pass an .onnx"
+    Options = OpenVINOOptions
+    capabilities = Capabilities(stage_timings=True)
+
+    def __init__(self, path: str | Path, options: OpenVINOOptions | None = None, **keywords) -> None:
+        super().__init__(path, options, **keywords)
+        self.compiled = None
+        self.requests: list = []
+        self.cache_message = ""
+        self.argmax_rewritten = 0
+
+    @classmethod
+    def available(cls) -> tuple[bool, str]:
+        """(usable here, why not) without loading a model."""
+        if ov is None:
+            return False, f"openvino is not installed: {INSTALL_HINT}"
+        return True, ""
+
+    # -- load -----------------------------------------------------------------------------
+
+    def cache_key(self, core, sha: str) -> dict:
+        device = self.options.ov_device
+        try:
+            device_name = str(core.get_property(device, "FULL_DEVICE_NAME"))
+        except Exception:  # a device OpenVINO does not know is refused at compile time
+            device_name = device
+        return {"onnx_sha256": sha, "openvino_version": ov.get_version(), "device": device,
+                "device_name": device_name, "precision": self.options.ov_precision or "default",
+                "hint": self.options.ov_hint}
+
+    def load_impl(self) -> None:
+        require_openvino()
+        if not self.path.is_file():
+            raise BackendError(f"{self.path}: no such model file")
+        self.meta = read_onnx_meta(self.path)
+        core = ov.Core()
+        if self.options.ov_device not in core.available_devices:
+            raise BackendError(f"--ov-device {self.options.ov_device}: not available here "
+                               f"(OpenVINO sees: {', '.join(core.available_devices)})")
+        sha = sha256_file(self.path)
+        folder = cache_folder(self.path, sha, self.options.ov_cache)
+        key = self.cache_key(core, sha)
+        with os_errors_as(BackendError, folder, "create the OpenVINO cache folder (pass --ov-cache DIR)"):
+            folder.mkdir(parents=True, exist_ok=True)
+        config = {"PERFORMANCE_HINT": self.options.ov_hint.upper(), "CACHE_DIR": str(folder)}
+        if self.options.ov_precision:
+            config["INFERENCE_PRECISION_HINT"] = self.options.ov_precision
+        if self.options.threads:
+            config["INFERENCE_NUM_THREADS"] = self.options.threads
+        t0 = time.perf_counter()
+        try:
+            model = core.read_model(str(self.path))
+            self.argmax_rewritten = rewrite_argmax(model)
+            self.compiled = core.compile_model(model, self.options.ov_device, config)
+        except Exception as exc:  # OpenVINO raises RuntimeError with multi-line C++ context
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise BackendError(f"{self.path}: OpenVINO cannot compile this model: {first}") from None
+        seconds = time.perf_counter() - t0
+        self.cache_message = self._note_cache(folder, key, seconds)
+        (self.options.log or (lambda text: print(text, file=sys.stderr)))(self.cache_message)
+        inputs = self.compiled.inputs
+        if len(inputs) != 1 or inputs[0].get_partial_shape().rank.get_length() != 4:
+            raise BackendError(f"{self.path}: expected one NCHW image input, found {len(inputs)} input(s)")
+        count = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
+        self.requests = [self.compiled.create_infer_request()
+                         for _ in range(count if self.options.ov_hint == "throughput" else 1)]
+        self.input_dtype = np.float16 if inputs[0].get_element_type() == ov.Type.f16 else np.float32
+
+    def _note_cache(self, folder: Path, key: dict, seconds: float) -> str:
+        """What happened to the compiled-model cache, and why when it was a recompile."""
+        record_path = folder / CACHE_RECORD
+        if bool(self.compiled.get_property("LOADED_FROM_CACHE")):
+            return f"OpenVINO: reusing the compiled model cached in {folder} ({seconds:.2f} s)"
+        try:
+            old = json.loads(record_path.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old is None:
+            reasons = ["no cached compiled model yet"]
+        else:
+            reasons = [f"the {k.replace('_', ' ')} changed ({old.get(k)} -> {v})"
+                       for k, v in key.items() if k != "device_name" and old.get(k) != v] or ["not in the cache"]
+        try:
+            atomic_write_bytes(record_path, (json.dumps(key, indent=2, sort_keys=True) + "\n").encode())
+        except OSError:
+            pass  # a read-only cache still compiles; it just cannot remember
+        return f"OpenVINO: compiled in {seconds:.2f} s, cached in {folder}: {'; '.join(reasons)}"
+
+    # -- facts ----------------------------------------------------------------------------
+
+    @property
+    def precision(self) -> str:
+        """The precision OpenVINO runs the model's float layers in (its resolved hint)."""
+        if self.compiled is None:
+            return self.options.ov_precision or "default"
+        return str(self.compiled.get_property("INFERENCE_PRECISION_HINT")).replace("<Type: '", "").rstrip("'>") \
+            .replace("float32", "f32").replace("bfloat16", "bf16").replace("float16", "f16")
+
+    def batch_range(self) -> tuple[int, int | None]:
+        shape = self.compiled.inputs[0].get_partial_shape() if self.compiled is not None else None
+        if shape is not None and shape[0].is_dynamic:
+            return (1, None)
+        # A fixed batch-1 graph still takes a batch: its frames run as parallel requests.
+        return (1, len(self.requests) or 1)
+
+    # -- infer ----------------------------------------------------------------------------
+
+    def infer_impl(self, tensor: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(tensor, dtype=self.input_dtype)
+        t0 = time.perf_counter()
+        fixed = not self.compiled.inputs[0].get_partial_shape()[0].is_dynamic
+        if x.shape[0] > 1 and fixed:
+            if x.shape[0] > len(self.requests):
+                raise BackendError(f"batch of {x.shape[0]} frames, but this OpenVINO model takes at most "
+                                   f"{len(self.requests)} at once (--ov-hint throughput runs more)")
+            for request, item in zip(self.requests, x):
+                request.start_async({0: item[None]})
+            for request in self.requests[: x.shape[0]]:
+                request.wait()
+            t1 = time.perf_counter()
+            out = np.concatenate([r.get_output_tensor(0).data for r in self.requests[: x.shape[0]]])
+        else:
+            request = self.requests[0]
+            request.infer({0: x})
+            t1 = time.perf_counter()
+            out = request.get_output_tensor(0).data.copy()
+        self.last_timings = {"ov_infer": (t1 - t0) * 1e3, "ov_output": (time.perf_counter() - t1) * 1e3}
+        return out
+
+    def close_impl(self) -> None:
+        self.requests = []
+        self.compiled = None
