@@ -30,9 +30,10 @@ def resolve_model(arg: str | Path | None, flag: str = "--model") -> Path | str:
         return arg
     if arg:
         path = Path(arg).expanduser()
-        shipped = default_model_path().with_name(f"{arg}.onnx")
-        if not path.exists() and not path.suffix and shipped.is_file():
-            return shipped  # a shipped model by name (edge_m_camvid): `auto` then picks its variant
+        if not path.exists() and not path.suffix and path.name == str(arg):  # a bare name, no folder
+            shipped = default_model_path().with_name(f"{arg}.onnx")
+            if shipped.is_file():
+                return shipped  # a shipped model by name (edge_m_camvid): `auto` then picks its variant
         if not path.is_file():
             what = "is a folder, not a model file" if path.is_dir() else "no such file"
             raise CliError(f"{flag} {arg}: {what}; pass an .onnx from `dilseg export onnx`, an .engine from "
