@@ -11,6 +11,7 @@ examples:
   dilseg eval --model edge_m_int8_cpu.onnx --data ../shared/data/camvid --json int8.json
   dilseg eval --model runs/edge_m/best.safetensors --data ../shared/data/camvid   # PyTorch (needs torch)
   dilseg eval --model edge_m.engine --data ../shared/data/camvid --split val      # TensorRT
+  dilseg eval --backend openvino --ov-precision bf16 --data ../shared/data/camvid  # OpenVINO at bf16
   dilseg eval --model triton://127.0.0.1:8001/edge_m --data ../shared/data/camvid   # served by Triton
 
 DIR holds SPLIT/images + SPLIT/labels (or images/ + labels/), matched by file stem; labels are
@@ -23,6 +24,7 @@ examples:
   dilseg verify edge_m.onnx edge_m_fp16.onnx --data ../shared/data/camvid --min-agreement 99.5 --max-miou-drop 0.1
   dilseg verify edge_m.onnx edge_m_int8_cpu.onnx --data ../shared/data/camvid --max-miou-drop 1.0 --json v.json
   dilseg verify runs/edge_m/best.safetensors edge_m.engine --data ../shared/data/camvid
+  dilseg verify edge_m.onnx edge_m_int8_cpu.onnx --backend openvino --data ../shared/data/camvid
   dilseg verify edge_m.onnx edge_m_int8_trt.onnx --data my_frames/      # plain images: agreement only
   dilseg verify edge_m.onnx triton://127.0.0.1:8001/edge_m --data ../shared/data/camvid --min-agreement 99.9
 
@@ -64,8 +66,15 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=backend_names(), default="auto",
                    help="backend for .onnx/.engine (default auto: .onnx -> ONNX Runtime, .engine/.plan -> TensorRT, "
                         ".safetensors -> PyTorch)")
+    p.add_argument("--ov-precision", choices=["f32", "bf16", "f16"],
+                   help="with --backend openvino: its inference precision (default: the CPU's own)")
     p.add_argument("--limit", type=int, default=0, metavar="N", help="only the first N images (quick checks)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def backend_options(args: argparse.Namespace) -> dict:
+    """Backend options given on the command line (the factory refuses one the backend lacks)."""
+    return {"ov_precision": args.ov_precision} if getattr(args, "ov_precision", None) else {}
 
 
 def check_json_target(path: str | None) -> None:
@@ -88,7 +97,7 @@ def run_eval(args: argparse.Namespace) -> int:
         raise CliError(f"--limit must be >= 0, got {args.limit}")
     check_json_target(args.json)
     model = resolve_model(args.model)
-    backend = open_backend(model, args.backend)
+    backend = open_backend(model, args.backend, **backend_options(args))
     try:
         data = dataset_for(backend.meta, args.data, args.split)
         result = evaluate(backend, data, args.limit or None, progress=not args.no_progress, name=str(model))
@@ -111,7 +120,18 @@ def run_verify(args: argparse.Namespace) -> int:
     if args.max_miou_drop is not None and args.max_miou_drop < 0:
         raise CliError(f"--max-miou-drop is in mIoU points and must be >= 0, got {args.max_miou_drop}")
     check_json_target(args.json)
-    reference, candidate = open_pair(args.reference, args.candidate, args.backend)
+    options = backend_options(args)
+    if options:  # backend options apply to exported artifacts, which both sides then are
+        from .backends import open_backend
+
+        reference = open_backend(args.reference, args.backend, **options)
+        try:
+            candidate = open_backend(args.candidate, args.backend, **options)
+        except BaseException:
+            reference.close()
+            raise
+    else:
+        reference, candidate = open_pair(args.reference, args.candidate, args.backend)
     try:
         data = dataset_for(reference.meta, args.data, args.split, labelled=False)
         if args.max_miou_drop is not None and data.num_classes is None:
