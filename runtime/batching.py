@@ -24,6 +24,7 @@ frames one after another, in the same fair order, through the same backend.
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -39,12 +40,14 @@ from .segmenter import Segmentation, Segmenter
 
 log = logging.getLogger("dilseg.batching")
 
-# How long the first frame of a batch waits for the frames other streams are about to offer,
-# unless told (max_wait_ms): a quarter of the last batch's inference, within these bounds. A
-# stream's frame comes a preprocessing step after its previous result, which is a small part of
-# an inference; waiting longer than that would only delay everyone for a stream that is late.
-AUTO_WAIT_SHARE = 0.25
-AUTO_WAIT_MS = (2.0, 50.0)
+# How long a batch waits for a stream that has a frame ready but has not offered it yet, unless
+# told (max_wait_ms): twice the time such a stream has taken to offer its frame after its last
+# result (its hand-over and preprocessing, measured per stream), within these bounds. A stream
+# later than that is busy elsewhere (writing its outputs), and waiting on would delay the others.
+# The floor is the interpreter's thread switch interval: a stream's thread that was just woken
+# may wait that long for the GIL before it runs at all.
+AUTO_WAIT_FACTOR = 2.0
+AUTO_WAIT_MS = (sys.getswitchinterval() * 1e3, 50.0)
 
 
 @dataclass(eq=False)
@@ -92,7 +95,7 @@ class Batcher:
 
     ``max_batch`` caps the batch (default: what the backend takes, else the number of streams);
     ``max_wait_ms`` bounds how long the first frame of a batch waits for the others (default:
-    a quarter of the last inference, 2 to 50 ms). ``close()``
+    twice the time a stream takes to offer its next ready frame, 5 to 50 ms). ``close()``
     stops the thread (it does not close the backend, which the caller owns).
     """
 
@@ -155,6 +158,7 @@ class Batcher:
     def submit(self, stream: "StreamSegmenter", tensor: np.ndarray | None, frame: np.ndarray) -> _Request:
         """Hand a frame over and wait until its batch has run; raises what the backend raised."""
         request = _Request(stream, tensor, frame, time.perf_counter())
+        stream.offered(request.submitted)
         with self._cond:
             if self._closed:
                 raise BackendError("the batcher is closed")
@@ -198,7 +202,7 @@ class Batcher:
             if limit > 1:
                 # Counted from when this thread is free: frames that came during the last batch
                 # have waited already, but the streams it just answered need a moment to offer again.
-                deadline = time.perf_counter() + self._wait_s()
+                deadline = time.perf_counter() + self._wait_s(limit)
                 while not self._closed and self._still_coming(limit):
                     left = deadline - time.perf_counter()
                     if left <= 0:
@@ -211,13 +215,14 @@ class Batcher:
             self._pending = [r for r in self._pending if r not in batch]
             return batch
 
-    def _wait_s(self) -> float:
+    def _wait_s(self, limit: int) -> float:
+        """How long to wait for the streams still to come (under the lock)."""
         if self.max_wait_ms is not None:
             return self.max_wait_ms / 1e3
-        last = self.stats.infer.ring[(self.stats.infer.count - 1) % len(self.stats.infer.ring)] \
-            if self.stats.infer.count else 0.0
+        offered = {id(r.stream) for r in self._pending}
+        gaps = [s.comeback for s in self._streams if id(s) not in offered and s.comeback is not None]
         lo, hi = AUTO_WAIT_MS
-        return min(hi, max(lo, AUTO_WAIT_SHARE * last)) / 1e3
+        return min(hi, max(lo, AUTO_WAIT_FACTOR * 1e3 * max(gaps, default=0.0))) / 1e3
 
     def _loop(self) -> None:
         while (batch := self._take()) is not None:
@@ -249,8 +254,10 @@ class Batcher:
         stats.frames += len(batch)
         stats.sizes[len(batch)] = stats.sizes.get(len(batch), 0) + 1
         stats.infer.add(ms)
+        answered = time.perf_counter()
         for r, output in zip(batch, outputs):
             r.output, r.batch, r.size, r.started, r.infer_ms = output, number, len(batch), started, ms
+            r.stream.answered(answered)
             r.done.set()
 
 
@@ -265,6 +272,18 @@ class StreamSegmenter(Segmenter):
         self.waiting: Callable[[], bool] = expected or (lambda: False)  # a frame waits to be offered
         self._preparing = False
         self.frames = 0
+        self.comeback: float | None = None  # seconds this stream takes to offer a ready frame (EWMA)
+        self._answered_ready: float | None = None  # when its last result came back, a frame ready then
+
+    def answered(self, at: float) -> None:
+        """Its result is back (batcher thread): time its next offer if a frame is ready now."""
+        self._answered_ready = at if self.waiting() else None
+
+    def offered(self, at: float) -> None:
+        if self._answered_ready is not None:
+            gap = at - self._answered_ready
+            self.comeback = gap if self.comeback is None else 0.7 * self.comeback + 0.3 * gap
+            self._answered_ready = None
 
     def expected(self) -> bool:
         """A frame of this stream is being prepared or waits to be taken."""
