@@ -157,9 +157,8 @@ def run_export_onnx(args: argparse.Namespace) -> int:
         from .torch_import import run_export_torch
 
         return run_export_torch(args)
-    if args.classes or args.kwargs or args.torch_output or args.bgr or args.name:
-        raise CliError("--classes, --kwargs, --torch-output, --bgr and --name describe your own model: use them "
-                       "with --torch")
+    if args.kwargs or args.torch_output or args.bgr or args.name:
+        raise CliError("--kwargs, --torch-output, --bgr and --name describe your own model: use them with --torch")
 
     from dilseg.export.onnx_export import parse_size
     from dilseg.export.train import camvid_meta
@@ -168,18 +167,31 @@ def run_export_onnx(args: argparse.Namespace) -> int:
     from dilseg.export.zoo import create_model
 
     size = None if args.dynamic else parse_size(args.size)
+    from dilseg.export.weights import weights_classes
+    from dilseg.runtime.classes import PRESETS, load_classes
+
+    # The classes: --classes, else those the weights were trained on, else CamVid's.
+    classes = load_classes(args.classes) if args.classes else None
     if args.weights:
         model, info = load_model(args.weights, args.model)
         name, digest = info["model"], sha256_file(args.weights)
+        trained = weights_classes(info)
+        if classes is not None and trained is not None and len(trained) != len(classes):
+            raise CliError(f"--classes {args.classes} lists {len(classes)} classes, but {args.weights} was trained "
+                           f"on {len(trained)}")
+        classes = classes or trained
     else:
         if not args.model:
             raise CliError("pass --model NAME (and --weights W for a trained model)")
-        model, name, digest = create_model(args.model), args.model, ""
+        classes = classes or PRESETS["camvid"]
+        model, name, digest = create_model(args.model, len(classes)), args.model, ""
+    classes = classes or PRESETS["camvid"]
     from dataclasses import replace
 
-    meta = replace(camvid_meta(name), output_kind=args.output_kind, weights_sha256=digest)
+    meta = replace(camvid_meta(name), classes=classes.names, palette=classes.palette,
+                   ignore_index=classes.ignore_index, output_kind=args.output_kind, weights_sha256=digest)
     if getattr(model, "num_classes", meta.num_classes) != meta.num_classes:
-        raise CliError(f"model has {model.num_classes} classes; only {meta.num_classes}-class CamVid metadata is known")
+        raise CliError(f"the model has {model.num_classes} classes but {classes.source} lists {meta.num_classes}")
     return write_export(args, model, meta, name, size)
 
 

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dilseg.runtime.errors import DilsegError
+from dilseg.runtime.classes import PRESETS, ClassList, distinct_colors
 from dilseg.runtime.files import atomic_write
 
 from .zoo import create_model
@@ -70,6 +71,25 @@ def load_state_strictly(model: nn.Module, state: dict, path: str | Path, hint: s
             lines.append("shape mismatches: " + "; ".join(shapes[:3]) + (" ..." if len(shapes) > 3 else ""))
         raise WeightsError(f"{path}: does not fit this model{hint}: " + " | ".join(lines))
     model.load_state_dict(state, strict=True)
+
+
+def weights_classes(info: dict) -> ClassList | None:
+    """The classes a weights header records: the names, and the palette and void label where
+    training wrote them (CamVid's names alone mean the camvid preset)."""
+    names = tuple(info.get("classes") or ())
+    if not names:
+        return None
+    if names == PRESETS["camvid"].names and "palette" not in info:
+        return PRESETS["camvid"]
+    try:
+        palette = tuple(tuple(int(v) for v in c) for c in json.loads(info["palette"])) if "palette" in info \
+            else tuple(distinct_colors(len(names)))
+        ignore = int(info["ignore_index"]) if info.get("ignore_index") not in (None, "", "None") else None
+    except (ValueError, TypeError) as exc:
+        raise WeightsError(f"the weights header's palette or ignore_index is malformed ({exc})") from None
+    if len(palette) != len(names):
+        raise WeightsError(f"the weights header lists {len(names)} classes but {len(palette)} colours")
+    return ClassList(names, palette, ignore, "the weights file's header")
 
 
 def load_model(path: str | Path, model_name: str | None = None) -> tuple[nn.Module, dict]:

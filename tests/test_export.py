@@ -19,7 +19,7 @@ from dilseg.export.train import camvid_meta
 from dilseg.export.weights import WeightsError, load_model, load_weights, save_weights
 from dilseg.runtime.files import sha256_file
 from dilseg.export.zoo import create_model
-from dilseg.runtime.artifact import read_meta
+from dilseg.runtime.artifact import read_meta, read_onnx_meta
 from dilseg.runtime.dataset import CAMVID_CLASSES, CAMVID_PALETTE
 from dilseg.runtime.metadata import METADATA_KEY
 
@@ -119,9 +119,15 @@ def test_weights_for_another_class_count_are_refused(tmp_path, trained_weights) 
     save_weights(other, path, "edge_s", [f"c{i}" for i in range(5)])
     with pytest.raises(WeightsError, match="5 classes"):
         load_weights(create_model("edge_s", 11), path, num_classes=11)
-    # The CLI builds the 5-class model the file names, then refuses to label it with CamVid's 11.
+    # The CLI builds the 5-class model the file names and labels it with the header's classes
+    # (colours generated where training recorded none); other classes for it are refused.
     r = dilseg("export", "onnx", "--weights", str(path), "--size", "64x96", "-o", str(tmp_path / "x.onnx"))
-    assert r.returncode == 2 and "classes" in r.stderr and not (tmp_path / "x.onnx").exists()
+    assert r.returncode == 0, r.stderr
+    meta = read_onnx_meta(tmp_path / "x.onnx")
+    assert meta.classes == tuple(f"c{i}" for i in range(5)) and len(set(meta.palette)) == 5
+    r = dilseg("export", "onnx", "--weights", str(path), "--classes", "camvid", "--size", "64x96",
+               "-o", str(tmp_path / "y.onnx"))
+    assert r.returncode == 2 and "lists 11 classes" in r.stderr and not (tmp_path / "y.onnx").exists()
 
 
 def test_weights_for_another_model_name_the_mismatch(tmp_path, trained_weights) -> None:
