@@ -76,19 +76,29 @@ def test_video_file_end_to_end_masks_equal_direct_inference(tmp_path: Path, segm
     assert stats.fps > 0
 
 
-def test_logits_and_dynamic_models_give_the_same_masks(tmp_path, small_onnx, small_onnx_logits,
+def test_logits_and_dynamic_models_give_the_same_masks(tmp_path, small_model, small_onnx, small_onnx_logits,
                                                        small_onnx_dynamic) -> None:
+    from dataclasses import replace
+
+    from dilseg.export.onnx_export import export_onnx
+    from dilseg.export.train import camvid_meta
+
+    # The logits graph is the full-resolution head; its labels twin must be that head too (the
+    # default label head, "half", decides at half resolution and may differ by design).
+    full = tmp_path / "edge_s_full_head.onnx"
+    export_onnx(small_model, replace(camvid_meta("edge_s", (64, 96)), output_kind="labels"), full, (64, 96), head="full")
     frames = [test_frame(i, 96, 64) for i in range(6)]  # what test://96x64 yields
     results = {}
-    for key, path in (("labels", small_onnx), ("logits", small_onnx_logits), ("dynamic", small_onnx_dynamic)):
+    for key, path in (("labels", small_onnx), ("logits", small_onnx_logits), ("dynamic", small_onnx_dynamic),
+                      ("full", full)):
         seen: list[np.ndarray] = []
         Pipeline(open_source("test://96x64?frames=6"), Segmenter(open_backend(path, threads=1)),
                  on_result=lambda r: seen.append(r.labels)).run()
         results[key] = np.stack(seen)
     direct = np.stack([Segmenter(open_backend(small_onnx, threads=1))(f).labels for f in frames])
     assert np.array_equal(results["labels"], direct)
-    # Same weights, argmax outside the graph: equal up to float ties.
-    assert (results["logits"] == results["labels"]).mean() > 0.999
+    # Same weights and head, argmax outside the graph: equal up to float ties.
+    assert (results["logits"] == results["full"]).mean() > 0.999
     # 96x64 frames are the trace size of the fixed model, so the dynamic one sees the same input.
     assert (results["dynamic"] == results["labels"]).mean() > 0.999
 
@@ -164,11 +174,16 @@ def test_run_in_a_worker_thread_does_not_touch_signals(segmenter) -> None:
     assert box["stats"].frames_out == 3
 
 
-def test_a_failing_sink_stops_the_run_and_discards_the_unfinished_video(tmp_path: Path, segmenter) -> None:
-    video = VideoSink(tmp_path / "out.mp4")
+def test_a_failing_sink_stops_the_run_and_keeps_the_healthy_video_finalised(tmp_path: Path, segmenter,
+                                                                            video_frames) -> None:
+    video, failing = VideoSink(tmp_path / "out.mp4"), FailingSink(at=5)
+    pipeline = Pipeline(open_source("test://96x64?frames=40"), segmenter, [video, failing])
     with pytest.raises(SinkError, match="disk full"):
-        Pipeline(open_source("test://96x64?frames=40"), segmenter, [video, FailingSink(at=5)]).run()
-    assert list(tmp_path.iterdir()) == []
+        pipeline.run()
+    # The video got frames 0-4 and the one the other sink failed on: finalised, playable, no temporary left.
+    assert list(tmp_path.iterdir()) == [tmp_path / "out.mp4"]
+    assert len(video_frames(tmp_path / "out.mp4")) == video.count == 5
+    assert pipeline.kept == [video] and pipeline.failed_sinks == [failing]
 
 
 def test_warmup_is_left_out_of_timings() -> None:
