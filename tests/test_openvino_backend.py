@@ -1,0 +1,188 @@
+"""The OpenVINO backend with the real openvino runtime on the CPU: same labels as ONNX Runtime,
+precision and hints, the compiled-model cache, the ArgMax rewrite, stage timings, the CLI, and
+a clear error when openvino is not installed."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from dilseg.runtime.artifact import read_meta
+from dilseg.runtime.backends import BackendError, open_backend
+from dilseg.runtime.dataset import SegmentationDataset
+from dilseg.runtime.defaults import default_model_path
+from dilseg.runtime.errors import DilsegError
+from dilseg.runtime.preprocess import preprocess
+
+from precision_helpers import CAMVID, needs_camvid
+
+ov = pytest.importorskip("openvino", reason="openvino is not installed (pip install 'dilseg[openvino]')")
+from dilseg.runtime.backends.openvino_backend import OpenVINOBackend, rewrite_argmax  # noqa: E402
+
+SHIPPED = default_model_path()
+
+
+def dilseg(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dilseg.runtime.cli", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.fixture(scope="module")
+def frames() -> list[np.ndarray]:
+    data = SegmentationDataset(CAMVID, "val")
+    return [data.read_image(i) for i in (0, 40, 80)]
+
+
+@needs_camvid
+def test_f32_labels_are_onnx_runtimes(frames, tmp_path) -> None:
+    sess = ort.InferenceSession(str(SHIPPED), providers=["CPUExecutionProvider"])
+    meta = read_meta(SHIPPED)
+    with open_backend(SHIPPED, "openvino", ov_precision="f32", ov_cache=str(tmp_path), log=lambda _: None) as be:
+        assert be.name == "openvino" and be.precision == "f32" and be.argmax_rewritten == 1
+        for frame in frames:
+            x = preprocess(frame, meta)
+            labels = be.infer(x)
+            want = sess.run(None, {"input": x})[0]
+            assert labels.shape == want.shape == (1, 360, 480) and labels.dtype == np.int32
+            assert (labels == want).mean() >= 0.9999
+            assert set(be.last_timings) == {"ov_infer", "ov_output"} and be.last_timings["ov_infer"] > 0
+
+
+def argmax_graph(path: Path) -> Path:
+    """ArgMax over channels of the input itself, then Cast: the label head's tail alone."""
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4, 3, 5])
+    y = helper.make_tensor_value_info("labels", TensorProto.INT32, [1, 3, 5])
+    nodes = [helper.make_node("ArgMax", ["input"], ["a"], axis=1, keepdims=0),
+             helper.make_node("Cast", ["a"], ["labels"], to=TensorProto.INT32)]
+    onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y]), opset_imports=[helper.make_opsetid("", 17)]),
+              str(path))
+    return path
+
+
+def test_argmax_rewrite_picks_the_first_maximum_like_onnx(tmp_path) -> None:
+    path = argmax_graph(tmp_path / "argmax.onnx")
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 3, (1, 4, 3, 5)).astype(np.float32)  # many ties between channels
+    x[0, :, 0, 0] = 7.0  # all four equal: the first wins
+    core = ov.Core()
+    model = core.read_model(str(path))
+    assert rewrite_argmax(model) == 1
+    assert "TopK" not in [op.get_type_name() for op in model.get_ordered_ops()]
+    got = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request().infer({0: x})[0]
+    assert np.array_equal(got, x.argmax(1).astype(np.int32))
+    plain = core.compile_model(str(path), "CPU").create_infer_request().infer({0: x})[0]
+    assert np.array_equal(got, plain)
+
+
+def test_a_topk_whose_values_are_used_is_left_alone(tmp_path) -> None:
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4, 3])
+    k = helper.make_tensor("k", TensorProto.INT64, [1], [1])
+    outs = [helper.make_tensor_value_info(n, t, None) for n, t in (("v", TensorProto.FLOAT), ("i", TensorProto.INT64))]
+    graph = helper.make_graph([helper.make_node("TopK", ["input", "k"], ["v", "i"], axis=1)], "g", [x], outs, [k])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(tmp_path / "topk.onnx"))
+    model = ov.Core().read_model(str(tmp_path / "topk.onnx"))
+    assert rewrite_argmax(model) == 0
+
+
+@needs_camvid
+def test_bf16_and_the_throughput_hint(frames, tmp_path) -> None:
+    meta = read_meta(SHIPPED)
+    xs = [preprocess(f, meta) for f in frames]
+    with open_backend(SHIPPED, "openvino", ov_precision="f32", ov_cache=str(tmp_path), log=lambda _: None) as f32:
+        ref = [f32.infer(x) for x in xs]
+    with open_backend(SHIPPED, "openvino", ov_precision="bf16", ov_cache=str(tmp_path), log=lambda _: None) as bf16:
+        assert bf16.precision == "bf16"
+        assert np.mean([(bf16.infer(x) == r).mean() for x, r in zip(xs, ref)]) >= 0.99
+    with open_backend(SHIPPED, "openvino", ov_precision="f32", ov_hint="throughput", ov_cache=str(tmp_path),
+                      log=lambda _: None) as tp:
+        low, high = tp.batch_range()
+        assert low == 1 and high >= 1
+        n = min(high, len(xs))
+        batch = tp.infer(np.concatenate(xs[:n]))  # the frames run as parallel requests
+        assert batch.shape == (n, 360, 480)
+        for i in range(n):
+            assert np.array_equal(batch[i], ref[i][0])
+        if high < len(xs):
+            with pytest.raises(BackendError, match="at most"):
+                tp.infer(np.concatenate(xs))
+
+
+def test_compiled_model_cache_is_keyed_by_the_onnx_and_says_what_happened(tmp_path) -> None:
+    messages: list[str] = []
+    model = tmp_path / "m.onnx"
+    shutil.copy(SHIPPED, model)
+    cache = tmp_path / "cache"
+    open_backend(model, "openvino", ov_precision="f32", ov_cache=str(cache), log=messages.append).close()
+    assert "compiled in" in messages[-1] and "no cached compiled model yet" in messages[-1]
+    folders = list(cache.iterdir())
+    assert len(folders) == 1 and folders[0].name.startswith("m-")
+    assert any(p.suffix == ".blob" for p in folders[0].iterdir())
+    open_backend(model, "openvino", ov_precision="f32", ov_cache=str(cache), log=messages.append).close()
+    assert messages[-1].startswith("OpenVINO: reusing the compiled model cached in")
+    # Without its blobs, a recompile at another precision says what changed since the last one.
+    for blob in folders[0].glob("*.blob"):
+        blob.unlink()
+    open_backend(model, "openvino", ov_precision="bf16", ov_cache=str(cache), log=messages.append).close()
+    assert "the precision changed (f32 -> bf16)" in messages[-1]
+    # Another ONNX (here: the same graph with other metadata) gets its own folder.
+    proto = onnx.load(str(model))
+    proto.doc_string = "changed"
+    onnx.save(proto, str(model))
+    open_backend(model, "openvino", ov_precision="f32", ov_cache=str(cache), log=messages.append).close()
+    assert len(list(cache.iterdir())) == 2 and "no cached compiled model yet" in messages[-1]
+
+
+def test_bad_options_are_one_line_errors(tmp_path) -> None:
+    with pytest.raises(BackendError, match="--ov-precision f64: choose one of f32, bf16, f16"):
+        open_backend(SHIPPED, "openvino", ov_precision="f64")
+    with pytest.raises(BackendError, match="--ov-hint fast"):
+        open_backend(SHIPPED, "openvino", ov_hint="fast")
+    with pytest.raises(BackendError, match="OpenVINO option.*--backend openvino"):
+        open_backend(SHIPPED, "onnxruntime", ov_precision="bf16")
+    with pytest.raises(BackendError, match="--ov-device NPU9: not available here"):
+        open_backend(SHIPPED, "openvino", ov_device="NPU9", ov_cache=str(tmp_path))
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(DilsegError, match="not a loadable ONNX model"):
+        open_backend(bad, "openvino", ov_cache=str(tmp_path))
+
+
+def test_cli_run_bench_and_eval_on_openvino(tmp_path) -> None:
+    r = dilseg("run", "--backend", "openvino", "--ov-precision", "f32", "--ov-cache", str(tmp_path),
+               "--source", "test://480x360?frames=12", "--max-frames", "12", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "(openvino)" in r.stderr and "OpenVINO: compiled in" in r.stderr
+    assert "ov_infer" in r.stdout and "end-to-end" in r.stdout
+    r = dilseg("bench", "--backend", "openvino", "--ov-cache", str(tmp_path), "--source", "test://480x360?frames=40",
+               "--frames", "15", "--warmup", "3", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "backend openvino" in r.stdout and "ov_infer" in r.stdout
+    if (CAMVID / "val").is_dir():
+        r = dilseg("eval", "--backend", "openvino", "--ov-precision", "f32", "--data", str(CAMVID), "--limit", "3",
+                   "--no-progress")
+        assert r.returncode == 0, r.stderr
+        assert "mIoU" in r.stdout
+
+
+def test_without_openvino_the_backend_says_how_to_install_it() -> None:
+    code = ("import sys; sys.modules['openvino'] = None\n"
+            "from dilseg.runtime.cli import main\n"
+            "sys.exit(main(['run', '--backend', 'openvino', '--source', 'test://?frames=2', '--max-frames', '2']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "pip install 'dilseg[openvino]'" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_demo_lists_openvino() -> None:
+    from dilseg.demo.loading import backend_options
+
+    opt = {o.key: o for o in backend_options()}["openvino"]
+    assert opt.backend == "openvino" and opt.reason is None
