@@ -87,7 +87,7 @@ def run_streams(args: argparse.Namespace, specs: list[str], model) -> int:
             if mosaic_sinks else None
         view = ViewSettings(args.view, args.alpha, legend=args.legend)
         run = MultiStream(sources, backend, per_stream, view=view, mosaic=mosaic, max_frames=args.max_frames,
-                          max_batch=args.max_batch, progress=not args.quiet)
+                          warmup=args.warmup, max_batch=args.max_batch, progress=not args.quiet)
         live = sum(s.live for s in sources)
         print(f"dilseg run: {Path(str(model)).name} ({backend.name}) on {count} sources ({live} live); "
               f"{run.batcher.describe()}", file=sys.stderr)

@@ -97,7 +97,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--view", choices=["overlay", "mask", "side-by-side"], default="overlay",
                    help="what to render (default overlay)")
     r.add_argument("--legend", action="store_true", help="draw the class legend with area percentages")
-    r.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames")
+    r.add_argument("--max-frames", type=int, metavar="N", help="stop after N frames (per stream)")
+    r.add_argument("--warmup", type=int, default=0, metavar="N",
+                   help="leave each stream's first N frames out of the FPS and latency figures (default 0)")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.add_argument("--reopen-attempts", type=int, default=10, metavar="N",
                    help="a live source that drops is reopened up to N times in a row, with back-off from 0.5 s "
@@ -221,6 +223,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError(f"--alpha {args.alpha}: must be within 0..1")
     if args.max_frames is not None and args.max_frames < 1:
         raise CliError(f"--max-frames {args.max_frames}: must be >= 1")
+    if args.warmup < 0:
+        raise CliError(f"--warmup {args.warmup}: must be >= 0")
     sources = args.source or ["test://"]
     model = resolve_model(args.model)
     if len(sources) > 1 or args.mosaic:
@@ -258,7 +262,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         probe = RssProbe(after=100)
         view = ViewSettings(args.view, args.alpha, legend=args.legend)
         pipeline = Pipeline(source, Segmenter(backend), sinks, view=view, max_frames=args.max_frames, on_result=probe,
-                            progress=not args.quiet)
+                            progress=not args.quiet, warmup=args.warmup)
         print(f"dilseg run: {getattr(backend.path, 'name', model) if choice else getattr(model, 'name', model)} "
               f"({backend.name}) on {source.spec}"
               f"{' (live)' if source.live else ''}; outputs: {', '.join(s.spec for s in sinks) or 'none'}",

@@ -1,0 +1,177 @@
+"""Many live streams on one machine, side by side in one run: aggregate FPS and per-stream
+latency for N = 1, 2, 4, 8 live test:// streams through each contender, interleaved.
+
+    python scripts/bench_streams.py                          # N = 1,2,4,8, 20 s per row, 2 rounds
+    python scripts/bench_streams.py --streams 4 --seconds 30 --rounds 3 --json streams.json
+
+Contenders (a function each, in CONTENDERS; another script can add its own with the same
+signature, e.g. N clients of a Triton server):
+  processes    N separate `dilseg run --source test://...` processes (one stream each)
+  multistream  one `dilseg run` with N --source: one backend, the streams' frames batched
+               (the model's batch axis freed with `dilseg export onnx --from M --batch dynamic`)
+
+Both run the same command line (`dilseg run`, overlay rendered, no output written), so they do
+the same work per frame; every stream is a live test://WxH?fps=F camera (newest frame wins: a
+slow consumer drops frames rather than queue them). A row starts its processes, waits until
+each has started its streams, lets them run ``--seconds`` and stops them with SIGTERM; the
+figures come from each run's --json, after ``--warmup`` frames per stream. Aggregate FPS: all
+streams together; per-stream latency is capture -> written (p50: median over the streams, p95:
+the worst stream's); spread: (fastest - slowest) / fastest per-stream FPS. Rounds alternate the
+contenders' order, so a drift in the machine's load falls on both. Prints a table; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+DILSEG = [sys.executable, "-m", "dilseg.runtime.cli"]
+
+
+def run_dilseg(commands: list[list[str]], reports: list[Path], seconds: float) -> list[dict]:
+    """Start every `dilseg run` command, wait until each has started its streams (its first line
+    on stderr), run ``seconds`` more, SIGTERM them all; the streams of their --json reports."""
+    procs = [subprocess.Popen(cmd + ["--quiet", "--json", str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for cmd, r in zip(commands, reports)]
+    try:
+        for p in procs:
+            line = p.stderr.readline()
+            if not line.startswith("dilseg run:"):
+                raise SystemExit(f"`dilseg run` failed to start: {line}{p.stderr.read()[-2000:]}")
+        time.sleep(seconds)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+    streams = []
+    for p, report in zip(procs, reports):
+        _, err = p.communicate(timeout=120)
+        if p.returncode not in (0, 128 + signal.SIGTERM) or not report.exists():  # stopped by SIGTERM: 143
+            raise SystemExit(f"`dilseg run` failed ({p.returncode}):\n{err[-2000:]}")
+        data = json.loads(report.read_text())
+        for s in data.get("streams", [data]):  # several sources: one entry per stream
+            streams.append({"fps": s["fps"], "p50": s["latency_ms"]["p50"], "p95": s["latency_ms"]["p95"],
+                            "dropped": s["dropped"], "frames": s["frames_out"] - s["warmup"]})
+        report.unlink()
+    return streams
+
+
+def processes(n: int, opts: argparse.Namespace) -> list[dict]:
+    """(a) N separate `dilseg run` processes, one live stream each."""
+    cmd = DILSEG + ["run", "--model", opts.model, "--source", opts.source, "--warmup", str(opts.warmup)] + opts.extra
+    return run_dilseg([cmd] * n, [opts.workdir / f"proc_{k}.json" for k in range(n)], opts.seconds)
+
+
+def multistream(n: int, opts: argparse.Namespace) -> list[dict]:
+    """(b) one `dilseg run` with N live streams through one backend, batched."""
+    cmd = DILSEG + ["run", "--model", opts.batch_model, "--warmup", str(opts.warmup)] + opts.extra
+    for _ in range(n):
+        cmd += ["--source", opts.source]
+    return run_dilseg([cmd], [opts.workdir / "multi.json"], opts.seconds)
+
+
+# name -> (what it is, function(N, options) -> one dict per stream: fps, p50, p95, dropped, frames)
+CONTENDERS: dict[str, tuple[str, Callable[[int, argparse.Namespace], list[dict]]]] = {
+    "processes": ("(a) N separate `dilseg run` processes", processes),
+    "multistream": ("(b) one `dilseg run`, N sources batched", multistream),
+}
+
+
+def combine(streams: list[dict]) -> dict:
+    fps = [s["fps"] for s in streams]
+    return {"aggregate_fps": sum(fps), "min_fps": min(fps), "max_fps": max(fps),
+            "spread": (max(fps) - min(fps)) / max(fps) if max(fps) > 0 else 0.0,
+            "p50_ms": statistics.median(s["p50"] for s in streams), "p95_ms": max(s["p95"] for s in streams),
+            "dropped": sum(s["dropped"] for s in streams)}
+
+
+def machine() -> str:
+    try:
+        name = re.search(r"Model name:\s*(.+)", subprocess.run(["lscpu"], capture_output=True, text=True).stdout)
+        cpu = name.group(1).strip() if name else "?"
+    except OSError:
+        cpu = "?"
+    return f"{cpu}, {os.cpu_count()} CPUs"
+
+
+def batch_model(model: str, workdir: Path) -> str:
+    """``model`` with its batch axis freed (unchanged if it is free already), as batching needs."""
+    out = workdir / (Path(model).stem + "_batch.onnx")
+    subprocess.run(DILSEG + ["export", "onnx", "--from", model, "--batch", "dynamic", "-o", str(out)], check=True,
+                   stdout=subprocess.DEVNULL)
+    return str(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--streams", default="1,2,4,8", help="stream counts N (default 1,2,4,8)")
+    ap.add_argument("--seconds", type=float, default=20.0, help="seconds each row runs after its streams start "
+                                                                "(default 20)")
+    ap.add_argument("--rounds", type=int, default=2, help="times every row is measured, interleaved (default 2)")
+    ap.add_argument("--warmup", type=int, default=5, help="frames per stream left out of the figures (default 5)")
+    ap.add_argument("--source", default="test://480x360?fps=30", help="each stream's live source "
+                                                                      "(default test://480x360?fps=30)")
+    ap.add_argument("--model", default="", help="the .onnx (default: the shipped model)")
+    ap.add_argument("--contenders", default=",".join(CONTENDERS), help=f"which (default {','.join(CONTENDERS)})")
+    ap.add_argument("--json", help="also write every measurement as JSON")
+    opts, extra = ap.parse_known_args()
+    opts.extra = extra  # passed to every `dilseg run` (e.g. --threads 1)
+    from dilseg.runtime.defaults import default_model_path
+
+    opts.model = opts.model or str(default_model_path())
+    counts = [int(n) for n in opts.streams.split(",")]
+    chosen = [c for c in opts.contenders.split(",") if c]
+    unknown = [c for c in chosen if c not in CONTENDERS]
+    if unknown:
+        raise SystemExit(f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(CONTENDERS)}")
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="dilseg-bench-streams-") as tmp:
+        opts.workdir = Path(tmp)
+        opts.batch_model = batch_model(opts.model, opts.workdir)
+        for r in range(opts.rounds):
+            for n in counts:
+                order = chosen if r % 2 == 0 else chosen[::-1]
+                for name in order:
+                    print(f"... round {r + 1}/{opts.rounds}, N={n}: {CONTENDERS[name][0]}", file=sys.stderr, flush=True)
+                    rows.append({"round": r, "contender": name, "streams": n, **combine(CONTENDERS[name][1](n, opts))})
+    print(f"\nmachine: {machine()}; each stream {opts.source}; {opts.seconds:g} s per row after {opts.warmup} "
+          f"warm-up frames, {opts.rounds} round(s) interleaved, mean shown; model {Path(opts.model).name}"
+          + (f"; extra: {' '.join(opts.extra)}" if opts.extra else "") + "\n")
+    print(f"{'contender':<42}{'N':>3}{'agg FPS':>9}{'stream FPS min/max':>20}{'spread':>8}{'p50 ms':>9}"
+          f"{'p95 ms':>9}")
+    table = {}
+    for name in chosen:
+        for n in counts:
+            got = [row for row in rows if row["contender"] == name and row["streams"] == n]
+            mean = {k: statistics.mean(row[k] for row in got) for k in got[0] if k not in ("round", "contender")}
+            table[name, n] = mean
+            print(f"{CONTENDERS[name][0]:<42}{n:>3}{mean['aggregate_fps']:>9.1f}{mean['min_fps']:>12.1f} /"
+                  f"{mean['max_fps']:>6.1f}{mean['spread'] * 100:>7.0f}%{mean['p50_ms']:>9.0f}{mean['p95_ms']:>9.0f}")
+    if "processes" in chosen and "multistream" in chosen:
+        print()
+        for n in counts:
+            per_round = [m["aggregate_fps"] / p["aggregate_fps"] for m, p in
+                         zip([row for row in rows if row["contender"] == "multistream" and row["streams"] == n],
+                             [row for row in rows if row["contender"] == "processes" and row["streams"] == n])
+                         if p["aggregate_fps"] > 0]
+            print(f"N={n}: multi-stream / processes aggregate FPS {statistics.mean(per_round):.2f} (per round: "
+                  f"{', '.join(f'{x:.2f}' for x in per_round)}); multi-stream per-stream spread "
+                  f"{table['multistream', n]['spread'] * 100:.0f}%")
+    if opts.json:
+        Path(opts.json).write_text(json.dumps({"machine": machine(), "source": opts.source, "seconds": opts.seconds,
+                                               "rows": rows}, indent=2))
+        print(f"wrote {opts.json}")
+
+
+if __name__ == "__main__":
+    main()
