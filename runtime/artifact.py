@@ -61,6 +61,16 @@ def check_onnx_io(path: Path, sess, meta: ModelMeta) -> None:
     outs = sess.get_outputs()
     if not outs:
         raise MetadataError(f"{path}: the model has no outputs")
+    ins = sess.get_inputs()
+    shape = list(ins[0].shape) if ins else []
+    if meta.input_size is not None and len(shape) == 4 and all(isinstance(d, int) for d in shape[2:]):
+        graph = (shape[2], shape[3])
+        if graph != tuple(meta.input_size):
+            # Else ONNX Runtime refuses every frame with INVALID_ARGUMENT about "input" dimensions.
+            raise MetadataError(
+                f"{path}: its metadata says the input is {meta.input_size[0]}x{meta.input_size[1]} (HxW) but the "
+                f"graph takes {graph[0]}x{graph[1]}; re-export it, or re-import it with `dilseg import` and the "
+                "graph's size")
     rank = len(outs[0].shape)
     want = 3 if meta.output_kind == "labels" else 4
     if rank != want:

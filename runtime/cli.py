@@ -60,14 +60,23 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from . import exit_status
+    from .out_of_memory import out_of_memory
+
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return exit_status.SIGINT
     except DilsegError as exc:  # written for the user; anything else is a bug and keeps its traceback
         print(f"dilseg {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return exit_status.ERROR
+    except Exception as exc:  # out of memory is the environment's limit, not a bug; the rest re-raised
+        message = out_of_memory(exc)
+        if message is None:
+            raise
+        print(f"dilseg {args.command}: error: {message}", file=sys.stderr)
+        return exit_status.ERROR
 
 
 if __name__ == "__main__":

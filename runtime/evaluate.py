@@ -42,6 +42,17 @@ def dataset_for(meta: ModelMeta, root: str | Path, split: str | None, labelled: 
     return data
 
 
+def known_ids(labels: np.ndarray, meta: ModelMeta, name: str) -> np.ndarray:
+    """``labels``, refused in one line when they hold a class id the model's metadata does not list
+    (its class list is wrong or the graph is not the one it describes): no score means anything then."""
+    top = int(labels.max()) if labels.size else 0
+    if top >= meta.num_classes:
+        raise VerifyError(f"{name}: the model predicts class id {top}, but its metadata lists {meta.num_classes} "
+                          f"classes (ids 0..{meta.num_classes - 1}); its class list does not match the graph: "
+                          "re-export it, or re-import it with `dilseg import --classes` listing every class")
+    return labels
+
+
 def percent(x: float) -> float | None:
     """Fractions -> percent for people and JSON; NaN (class absent everywhere) -> None."""
     return None if x is None or not math.isfinite(x) else round(100.0 * float(x), 4)
@@ -88,7 +99,7 @@ def evaluate(backend: Backend, data: SegmentationDataset, limit: int | None = No
     cm = ConfusionMatrix(meta.num_classes, data.ignore_index)
     count = 0
     for image, label in frames(data, limit, f"eval {name or meta.model}", progress):
-        cm.update(label, segment(image).labels)
+        cm.update(label, known_ids(segment(image).labels, meta, name or meta.model))
         count += 1
     return EvalResult(name or meta.model, meta, cm.scores(), count, cm.matrix.copy())
 
@@ -150,7 +161,8 @@ def verify(reference: Backend, candidate: Backend, data: Images, limit: int | No
     cand_gt = ConfusionMatrix(n, data.ignore_index) if labelled else None
     same = total = count = 0
     for image, label in frames(data, limit, "verify", progress):
-        a, b = ref_seg(image).labels, cand_seg(image).labels
+        a = known_ids(ref_seg(image).labels, reference.meta, names[0])
+        b = known_ids(cand_seg(image).labels, candidate.meta, names[1])
         same += int(np.count_nonzero(a == b))
         total += a.size
         vs_ref.update(a, b)

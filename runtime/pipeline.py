@@ -170,6 +170,8 @@ class Pipeline:
         self.stop_event = threading.Event()
         self.stats = PipelineStats(warmup=warmup)
         self.errors: list[BaseException] = []
+        self.failed_sinks: list[Sink] = []  # sinks whose write or close failed (their output is absent)
+        self.kept: list[Sink] = []  # sinks closed complete at the end (after an error too)
         self._lock = threading.Lock()
         self.captured = threading.Event()  # the capture thread has finished
         self.inferred = threading.Event()  # the inference thread has finished
@@ -315,7 +317,11 @@ class Pipeline:
                 t1 = time.perf_counter()
                 drawn = timings["render"] = (t1 - t0) * 1e3
                 for sink in self.sinks:
-                    sink.write_result(result)
+                    try:
+                        sink.write_result(result)
+                    except BaseException:
+                        self.failed_sinks.append(sink)  # aborted at the end; the others are finalised
+                        raise
                 t2 = time.perf_counter()
                 # Sinks that draw for themselves added their drawing time to "render".
                 timings["write"] = (t2 - t1) * 1e3 - (timings["render"] - drawn)
@@ -366,8 +372,9 @@ class Pipeline:
                 bar.close()
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
-            # Errors discard unfinished outputs; a stop (even a second Ctrl-C) finalises them.
-            self._close_sinks(not self.errors)
+            # A stop (even a second Ctrl-C) or an error finalises the outputs with the frames they got;
+            # only a sink that failed discards its own.
+            self._close_sinks()
             counts = self.counters()
             self.stats.dropped, self.stats.corrupt_skipped, self.stats.reopens = (
                 counts["dropped"], counts["corrupt_skipped"], counts["reopens"])
@@ -377,14 +384,19 @@ class Pipeline:
             raise self.errors[0]
         return self.stats
 
-    def _close_sinks(self, ok: bool) -> None:
+    def _close_sinks(self) -> None:
         first: BaseException | None = None
         for sink in self.sinks:
             try:
-                sink.close() if ok else sink.abort()
+                if sink in self.failed_sinks:
+                    sink.abort()
+                else:
+                    sink.close()
+                    self.kept.append(sink)
             except BaseException as exc:  # noqa: BLE001 - close every sink, report the first failure
+                self.failed_sinks.append(sink)
                 first = first or exc
-        if first is not None and ok:
+        if first is not None and not self.errors:
             self.errors.append(first)
 
     def _total(self) -> int | None:

@@ -22,6 +22,7 @@ import numpy as np
 
 from .errors import DilsegError
 from .files import UMASK, atomic_write_bytes
+from .video_check import GrowthWatch, unreadable_reason
 
 if TYPE_CHECKING:
     from .pipeline import FrameResult
@@ -162,7 +163,9 @@ class FolderSink(Sink, abc.ABC):
         try:
             _write_image_atomic(self.folder / f"{stem}{self.ext}", self.image(frame, labels, rendered), self.params)
         except OSError as exc:
-            raise SinkError(f"{self.folder}: cannot write {stem}{self.ext} ({exc.strerror})") from None
+            # OutputError (atomic_write's) names the file and the cause already.
+            raise SinkError(f"{self.folder}: cannot write {stem}{self.ext} ({exc.strerror})" if exc.strerror
+                            else str(exc)) from None
         self.count += 1
 
 
@@ -233,8 +236,12 @@ class VideoSink(Sink):
         self.writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*self.fourcc), self.fps, self.size)
         if not self.writer.isOpened():
             self.abort()
+            if "FFMPEG: YES" in " ".join(cv2.getBuildInformation().split()):
+                raise SinkError(f"{self.path}: OpenCV's {self.fourcc} encoder refused {w}x{h} frames (too small or "
+                                "an unusual size for it); write an .avi (MJPG) instead, or use a larger source")
             raise SinkError(f"{self.path}: OpenCV cannot write {self.fourcc} video here; try another extension "
                             "(.avi writes MJPG) or install an OpenCV build with FFMPEG")
+        self.watch = GrowthWatch(self.tmp)
 
     def write(self, frame: np.ndarray, labels: np.ndarray, rendered: np.ndarray, name: str | None = None) -> None:
         if self.closed:
@@ -245,18 +252,30 @@ class VideoSink(Sink):
             rendered = cv2.resize(rendered, self.size, interpolation=cv2.INTER_AREA)
         self.writer.write(np.ascontiguousarray(rendered))
         self.count += 1
+        # cv2.VideoWriter only logs a failed write: a file that stopped growing on a full disk is one.
+        failing = self.watch.check(self.count)
+        if failing:
+            self.abort()
+            raise SinkError(f"{self.path}: cannot write the video: {failing}; nothing was written"
+                            + (" (the file already there is kept)" if self.path.exists() else ""))
 
     def close(self) -> None:
-        """Finish the container (index, headers) and move it into place."""
+        """Finish the container (index, headers), read it back, and only then move it into place:
+        a video that does not hold every frame written (a full disk) replaces nothing."""
         if self.closed:
             return
         self.closed = True
         if self.writer is not None:
             self.writer.release()
-        if self.count and self.tmp.exists() and self.tmp.stat().st_size > 0:
-            os.replace(self.tmp, self.path)
-        else:
+        if not self.count:
             self.tmp.unlink(missing_ok=True)
+            return
+        broken = unreadable_reason(self.tmp, self.count)
+        if broken:
+            self.tmp.unlink(missing_ok=True)
+            raise SinkError(f"{self.path}: cannot write the video: {broken}; nothing was written"
+                            + (" (the file already there is kept)" if self.path.exists() else ""))
+        os.replace(self.tmp, self.path)
 
     def abort(self) -> None:
         if self.closed:

@@ -893,8 +893,8 @@ def open_source(spec: str | int, **opts) -> Source:
                 why = "the server answers, but OpenCV cannot read a video stream from it (codec or transport)"
             return f"{text}: cannot open the stream: {why}; check the URL (try it with `ffplay URL`)"
 
-        no_frame = (f"{text}: connected, but no frame arrived (none decoded within {timeout / 1000:.0f}s); check "
-                    "the stream plays with `ffplay URL`")
+        no_frame = (f"{text}: connected, but no frame could be read from it (none arrived within "
+                    f"{timeout / 1000:.0f}s, or none decoded); check the stream plays with `ffplay URL`")
         src = LiveSource(text, _capture(text, cv2.CAP_FFMPEG, params), failure, no_frame=no_frame, **reopen)
         fps = src.cap.get(cv2.CAP_PROP_FPS)
         src.fps = float(fps) if fps and 0 < fps < 1000 else None
