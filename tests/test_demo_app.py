@@ -129,14 +129,14 @@ def test_sidebar_offers_models_backends_views_and_sources(monkeypatch, model):
     import onnxruntime as ort
 
     offered = radios["Backend"].options
-    assert offered[0] == "Auto (best available)" and "ONNX Runtime CPU" in offered
+    assert offered[0] == "Auto (fastest here)" and "ONNX Runtime CPU" in offered
     unavailable = radios.get("Unavailable here")
     has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
     assert ("ONNX Runtime CUDA" in offered) == has_cuda
     if unavailable is not None:
         assert unavailable.proto.disabled
-        assert set(unavailable.options) | set(offered) == {"Auto (best available)", "TensorRT", "ONNX Runtime CPU",
-                                                           "ONNX Runtime CUDA"}
+        assert set(unavailable.options) | set(offered) == {"Auto (fastest here)", "TensorRT", "OpenVINO",
+                                                           "ONNX Runtime CPU", "ONNX Runtime CUDA"}
         reasons = list(unavailable.proto.captions)
         assert len(reasons) == len(unavailable.options) and all(len(r) > 20 for r in reasons)
         if not has_cuda:
@@ -166,6 +166,7 @@ def test_the_page_starts_on_the_shipped_model_and_segments_a_street(monkeypatch,
 
     if not (CAMVID / "val" / "images").is_dir():
         pytest.skip(f"CamVid not found at {CAMVID}")
+    from dilseg.demo.loading import load_segmenter
     from dilseg.runtime.defaults import default_model_path
 
     at = app(monkeypatch, None)
@@ -177,8 +178,9 @@ def test_the_page_starts_on_the_shipped_model_and_segments_a_street(monkeypatch,
     assert not at.exception and not messages(at)
     labels = decode(downloads(buttons(at)["Label PNG (class ids)"]))
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    with open_backend(default_model_path()) as backend:
-        np.testing.assert_array_equal(labels, Segmenter(backend)(image).labels)
+    # The page's starting choice (Auto: the fastest correct file and backend here), run directly.
+    with load_segmenter(default_model_path(), "auto") as seg:
+        np.testing.assert_array_equal(labels, seg.process(image).labels)
     # A street scene: building and road are both found.
     assert {1, 3}.issubset(set(np.unique(labels).tolist()))
 
