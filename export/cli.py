@@ -40,8 +40,11 @@ examples:
       --epochs 200 --scale 0.5-2.0 --photometric --thin-sampling 0.3 --ema 0.999 --workers 2
   dilseg train --model edge_s --data DIR --epochs 2 --max-train-images 16   # smoke run
 
-DIR holds train/{images,labels} and val/{images,labels} (CamVid layout, labels as
-8-bit PNG class ids, 11 = void). OUT gets last.pt (resume state), best.safetensors
+DIR holds train/{images,labels} and val/{images,labels} (labels as 8-bit PNG class ids)
+with the classes in DIR/classes.txt (or .json/.yaml: names, colours, ignore_index; see
+`dilseg import --help`), else CamVid's 11 (11 = void); or it is a Cityscapes root
+(leftImg8bit/ + gtFine/*_labelIds.png, trained on the 19 train ids). The weights record
+the classes, so `dilseg export onnx --weights` labels the model with them. OUT gets last.pt (resume state), best.safetensors
 (+ best.json, per-class IoU), last.safetensors and log.csv (epoch, train_loss,
 holdout_miou, val_miou, lr, epoch_seconds). With --holdout the held-out sequence selects
 the best epoch; the classic val (frames between training frames) is only reported."""

@@ -2,7 +2,8 @@
 
 Everything needed to resume lives in ``OUT/last.pt`` (model, EMA, optimizer, epoch, RNG
 state, config); ``OUT/best.safetensors`` holds the weights with the best selection mIoU,
-``OUT/best.json`` their per-class scores, and ``OUT/log.csv`` one row per epoch.
+``OUT/best.json`` their per-class scores, ``OUT/config.json`` the recipe and
+``OUT/log.csv`` one row per epoch.
 
 Selection: with ``holdout`` (a whole sequence held out, train and val frames of it), the
 held-out sequence picks the best epoch and the classic val split is only reported; its
@@ -21,7 +22,7 @@ import csv
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from dilseg.runtime.classes import PRESETS
 from dilseg.runtime.dataset import CAMVID_CLASSES, CAMVID_IGNORE, SegmentationDataset
 from dilseg.runtime.errors import DilsegError
 from dilseg.runtime.files import atomic_write
@@ -43,7 +45,7 @@ from .weights import save_weights
 from .zoo import create_model
 
 THIN_CLASSES = ("Pole", "SignSymbol", "Fence", "Pedestrian")
-RUN_FILES = ("log.csv", "last.pt", "best.safetensors", "last.safetensors", "best.json")
+RUN_FILES = ("log.csv", "last.pt", "best.safetensors", "last.safetensors", "best.json", "config.json")
 # Settings that define what a run measures: resuming under other values would mix two runs.
 FIXED_ON_RESUME = ("model", "holdout", "train_splits", "seed")
 PER_INVOCATION = ("out", "data", "threads", "workers", "stop_after")  # free to change between sessions
@@ -234,7 +236,7 @@ def _loader(cfg: TrainConfig, pairs: list, meta: ModelMeta, ignore: int, num_cla
             device: torch.device) -> tuple[DataLoader, EpochSampler]:
     thin = None
     if cfg.thin_sampling:
-        ids = tuple(CAMVID_CLASSES.index(c) for c in THIN_CLASSES if c in CAMVID_CLASSES[:num_classes])
+        ids = tuple(meta.classes.index(c) for c in THIN_CLASSES if c in meta.classes)
         thin = thin_pixels([lab for _, lab in pairs], ids, seed=cfg.seed)
     photo = Photometric() if cfg.photometric else None
     data = CropDataset(pairs, meta, cfg.crop, cfg.scale, ignore, cfg.seed, photo, thin)
@@ -273,6 +275,9 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
     split: Split = make_split(cfg.data, cfg.holdout, cfg.train_splits)
     ref: SegmentationDataset = split.train[0]
     num_classes, ignore = ref.num_classes, ref.ignore_index
+    classes = ref.classes or PRESETS["camvid"]  # a classes file at the root, Cityscapes' 19, else CamVid's
+    # Exports of these weights take their classes, colours and void label from this header.
+    header = {"palette": json.dumps([list(c) for c in classes.palette]), "ignore_index": str(ignore)}
     pairs = load_pairs(split.train, cfg.max_train_images)
     holdout_pairs = load_pairs(split.holdout, cfg.max_val_images)
     val_pairs = load_pairs(split.val, cfg.max_val_images)
@@ -284,7 +289,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
           + (f"; selecting on {selector}" if selector else "; no selection (fixed epoch count, last weights)"),
           flush=True)
     weights = torch.from_numpy(class_weights([p[1] for p in pairs], num_classes, ignore)).to(device)
-    meta = camvid_meta(cfg.model)
+    meta = replace(camvid_meta(cfg.model), classes=classes.names, palette=classes.palette, ignore_index=ignore)
     loader, sampler = _loader(cfg, pairs, meta, ignore, num_classes, device)
     steps_per_epoch = len(loader)
 
@@ -297,6 +302,11 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
         print(f"no checkpoint at {ckpt_path}; starting from scratch", flush=True)
     if run.start_epoch == 0 and log_path.exists():
         log_path.unlink()  # --resume without last.pt: the log belongs to no checkpoint
+    if run.start_epoch == 0 or not (out / "config.json").exists():
+        # The recipe beside the results, readable without torch (model cards quote it).
+        text = json.dumps({**asdict(cfg), "train_frames": len(pairs), "holdout_frames": len(holdout_pairs),
+                           "val_frames": len(val_pairs), "selected_on": selector}, indent=1) + "\n"
+        atomic_write(out / "config.json", lambda tmp: Path(tmp).write_text(text))
 
     last = min(cfg.epochs, cfg.stop_after) if cfg.stop_after else cfg.epochs
     for epoch in range(run.start_epoch, last):
@@ -335,13 +345,13 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
         info = {"epoch": str(epoch + 1)}
         if selector and selector in cms and scores[selector] > run.best:
             run.best = scores[selector]
-            save_weights(run.eval_model, out / "best.safetensors", cfg.model, CAMVID_CLASSES,
+            save_weights(run.eval_model, out / "best.safetensors", cfg.model, classes.names, **header,
                          selected_on=selector, **{f"{k}_miou": f"{v:.4f}" for k, v in scores.items() if not math.isnan(v)},
                          **info, holdout=cfg.holdout)
             report = {"epoch": epoch + 1, "selected_on": selector, "holdout_sequence": cfg.holdout,
-                      **{k: _scores_json(cm, CAMVID_CLASSES[:num_classes]) for k, cm in cms.items()}}
+                      **{k: _scores_json(cm, classes.names) for k, cm in cms.items()}}
             atomic_write(out / "best.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=1) + "\n"))
-        save_weights(run.eval_model, out / "last.safetensors", cfg.model, CAMVID_CLASSES, **info)
+        save_weights(run.eval_model, out / "last.safetensors", cfg.model, classes.names, **header, **info)
         atomic_write(ckpt_path, lambda tmp: torch.save(run.state(epoch), tmp))
         _log_row(log_path, {"epoch": epoch + 1, "train_loss": f"{total_loss / max(seen, 1):.5f}",
                             "holdout_miou": f"{scores['holdout']:.5f}", "val_miou": f"{scores['val']:.5f}",

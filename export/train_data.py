@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from dilseg.runtime.dataset import DatasetError, SegmentationDataset
+from dilseg.runtime.dataset import DatasetError, SegmentationDataset, open_dataset
 from dilseg.runtime.metadata import ModelMeta
 from dilseg.runtime.preprocess import normalize
 
@@ -52,7 +52,7 @@ def make_split(root: str, holdout: str = "", train_splits: tuple[str, ...] = ("t
     sequence beside it.
     """
     names = dict.fromkeys([*train_splits, val_split])
-    sets = {name: SegmentationDataset(root, name) for name in names}
+    sets = {name: open_dataset(root, name) for name in names}
     if not holdout:
         val = [] if val_split in train_splits else [sets[val_split]]
         return Split([sets[n] for n in train_splits], [], val)

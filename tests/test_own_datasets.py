@@ -151,3 +151,29 @@ def test_int8_calibration_reads_a_cityscapes_root(cityscapes) -> None:
 
     picks = calibration_images(cityscapes, 3)
     assert len(picks) == 3 and all(p.parent.parent == cityscapes / "leftImg8bit" / "train" for p in picks)
+
+
+def test_train_export_and_eval_on_datasets_with_their_own_classes(own, cityscapes, tmp_path, capsys) -> None:
+    pytest.importorskip("torch")
+    from dilseg.export.train import TrainConfig, train
+    from dilseg.export.weights import read_weights_info
+    from dilseg.runtime.artifact import read_onnx_meta
+
+    for data, classes, void in ((own, ("road", "sky", "other"), 255), (cityscapes, PRESETS["cityscapes"].names, 255)):
+        out = tmp_path / data.name
+        cfg = TrainConfig(model="edge_s", data=str(data), out=str(out), epochs=1, batch_size=2, crop=(64, 96),
+                          threads=1, max_train_images=2, max_val_images=2)
+        weights = train(cfg)
+        info = read_weights_info(weights)
+        assert tuple(info["classes"]) == classes and info["ignore_index"] == str(void)
+        onnx_path = tmp_path / f"{data.name}.onnx"
+        assert main(["export", "onnx", "--weights", str(weights), "--size", "64x96", "-o", str(onnx_path)]) == 0
+        meta = read_onnx_meta(onnx_path)
+        assert meta.classes == classes and meta.ignore_index == void
+        if data == own:
+            assert meta.palette[:2] == ((128, 64, 128), (70, 130, 180))
+        else:
+            assert meta.palette == PRESETS["cityscapes"].palette
+        capsys.readouterr()
+        assert main(["eval", "--model", str(onnx_path), "--data", str(data), "--limit", "2", "--no-progress"]) == 0
+        assert classes[-1] in capsys.readouterr().out
