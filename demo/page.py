@@ -275,6 +275,7 @@ def server_source(segmenter: Segmenter, settings: ViewSettings) -> None:
         else:
             worker.set_segmenter(segmenter)
             viewer = session_id()
+            shared_camera.release_viewer(viewer, keep=worker)  # a stream of the source shown before
             # A changed view is a new URL, so the browser opens a new stream; the server then ends
             # this tab's previous one (one stream per tab and source).
             url = f"dilseg/stream/{worker.id}.mjpg?{settings.to_query()}&viewer={viewer}"

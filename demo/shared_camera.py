@@ -334,10 +334,11 @@ def running(spec: str) -> CameraWorker | None:
         return _workers.get(spec.strip())
 
 
-def release_viewer(viewer: str) -> int:
-    """End every stream of ``viewer`` (its page stopped showing a server source); how many."""
+def release_viewer(viewer: str, keep: CameraWorker | None = None) -> int:
+    """End every stream of ``viewer`` except on ``keep`` (its page stopped showing a server
+    source, or now shows another one); how many."""
     with _lock:
-        workers = list(_workers.values())
+        workers = [w for w in _workers.values() if w is not keep]
     return sum(worker.release(viewer) for worker in workers)
 
 

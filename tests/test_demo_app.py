@@ -598,8 +598,10 @@ def test_a_viewer_holds_one_stream_and_abandoned_views_are_not_drawn(routes_serv
     wanted = worker.latest()
     assert ViewSettings("mask") in wanted.jpegs and ViewSettings("side-by-side") not in wanted.jpegs
     assert cv2.imdecode(np.frombuffer(last, np.uint8), cv2.IMREAD_COLOR).shape == (64, 96, 3)
-    # The page stops showing the source: the tab's stream ends, the other tab's goes on.
-    assert shared_camera.release_viewer("tab-a") == 1
+    # Tab a shows another source: its stream here ends; then tab a stops: nothing more to end.
+    other = shared_camera.acquire("test://32x24?fps=5", segmenter)
+    assert shared_camera.release_viewer("tab-a", keep=other) == 1
+    assert shared_camera.release_viewer("tab-a") == 0
     read_mjpeg_frames(tab_a[-1][1], 1000)
     assert tab_a[-1][1].read() == b""
     wait_for(lambda: worker.stats()["connections"] == 1, what="tab a's stream to close")
