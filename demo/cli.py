@@ -26,7 +26,14 @@ sources on the page:
 WebRTC (browser webcam) uses no STUN/TURN server by default, so nothing is contacted
 outside this machine and browsers on the same machine or LAN connect directly. Add
 --ice-server (repeatable; TURN credentials with --ice-username/--ice-credential) for
-viewers behind NAT. Live counters: http://HOST:PORT/dilseg/stats.json"""
+viewers behind NAT. Live counters: http://HOST:PORT/dilseg/stats.json
+
+Uploads are limited to --max-upload-mb (the page says so when one is larger), and an image
+is refused from its header, before decoding, above DILSEG_MAX_IMAGE_PIXELS pixels: a small
+compressed file can decode to gigabytes. Raise either when starting the demo, e.g.
+  DILSEG_MAX_IMAGE_PIXELS=200000000 dilseg demo --max-upload-mb 500"""
+
+MAX_UPLOAD_MB = 200  # Streamlit's own default, stated so that --help can say it
 
 
 def ice_servers_json(urls: list[str], username: str | None, credential: str | None) -> str:
@@ -52,7 +59,8 @@ def streamlit_command(args: argparse.Namespace) -> list[str]:
            "--server.fileWatcherType", "none",
            "--server.runOnSave", "false",
            "--global.developmentMode", "false",
-           "--client.toolbarMode", "minimal"]
+           "--client.toolbarMode", "minimal",
+           "--server.maxUploadSize", str(args.max_upload_mb)]
     if args.address:
         cmd += ["--server.address", args.address]
     return cmd
@@ -69,6 +77,8 @@ def run_demo(args: argparse.Namespace) -> int:
         raise CliError(f"the demo needs its extra packages ({', '.join(missing)} missing): pip install 'dilseg[demo]'")
     if not 0 < args.port < 65536:
         raise CliError(f"--port {args.port}: choose a port between 1 and 65535")
+    if args.max_upload_mb < 1:
+        raise CliError(f"--max-upload-mb {args.max_upload_mb}: must be >= 1")
     env = dict(os.environ)
     if args.model:
         model = resolve_model(args.model)
@@ -102,6 +112,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="interface to listen on (default: all interfaces, as Streamlit does); 127.0.0.1 keeps it local")
     p.add_argument("--model", default=None, help="model the page starts with (.onnx or .engine; default: the shipped model)")
     p.add_argument("--source", default=None, help="server source the page suggests (e.g. 0, csi://0, test://)")
+    p.add_argument("--max-upload-mb", type=int, default=MAX_UPLOAD_MB, metavar="MB",
+                   help=f"largest upload the page accepts, in MB (default {MAX_UPLOAD_MB}); images are also refused "
+                        "above DILSEG_MAX_IMAGE_PIXELS pixels (default 100 million) before they are decoded")
     p.add_argument("--ice-server", action="append", default=[], metavar="URL",
                    help="STUN/TURN server for the browser-webcam WebRTC link (repeatable); none by default")
     p.add_argument("--ice-username", default=None, help="username for --ice-server turn: URLs")

@@ -92,19 +92,43 @@ def missing_default_message(path: Path) -> str:
             "**Model file path** or **Upload .onnx** in the sidebar, or start the demo with `dilseg demo --model PATH`.")
 
 
+UPLOADS_KEPT = 8  # uploaded models kept on disk; older ones are removed as new ones arrive
+
+
 def save_upload(name: str, data: bytes) -> Path:
-    """Keep an uploaded model on disk (ONNX Runtime loads from a path), named by content hash so
-    reruns and other tabs reuse the same file instead of piling up copies."""
+    """Keep an uploaded model on disk (ONNX Runtime loads from a path) as ``HASH/NAME``: the
+    content hash lets reruns and other tabs reuse one copy, the upload's own name is what
+    messages about it show. Only the ``UPLOADS_KEPT`` newest uploads are kept."""
     if not name.lower().endswith(".onnx"):
         raise ModelChoiceError(f"{name}: upload an .onnx model exported with `dilseg export onnx`")
     if not data:
         raise ModelChoiceError(f"{name}: the uploaded file is empty")
-    folder = Path(tempfile.gettempdir()) / "dilseg-demo-models"
+    root = Path(tempfile.gettempdir()) / "dilseg-demo-models"
+    folder = root / hashlib.sha256(data).hexdigest()[:16]
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{hashlib.sha256(data).hexdigest()[:16]}.onnx"
+    path = folder / (Path(name).name or "model.onnx")
     if not path.exists():
         atomic_write_bytes(path, data)  # a private temp name: two tabs may upload the same model
+        _prune_uploads(root, keep=folder)
     return path
+
+
+def _prune_uploads(root: Path, keep: Path) -> None:
+    """Remove all but the newest ``UPLOADS_KEPT`` uploads (ONNX Runtime keeps a loaded model in
+    memory, so a page using an older one goes on running)."""
+    import shutil
+
+    def age(entry: Path) -> float:
+        try:
+            return entry.stat().st_mtime
+        except OSError:  # removed meanwhile by another tab's upload
+            return 0.0
+
+    for old in sorted((p for p in root.iterdir() if p != keep), key=age, reverse=True)[UPLOADS_KEPT - 1:]:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:  # a copy named by hash alone, as older versions kept them
+            old.unlink(missing_ok=True)
 
 
 def check_model(path: Path) -> ModelMeta:

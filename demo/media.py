@@ -18,6 +18,7 @@ import numpy as np
 from dilseg.runtime.dataset import IMAGE_SUFFIXES
 from dilseg.runtime.errors import DilsegError
 from dilseg.runtime.pipeline import Pipeline
+from dilseg.runtime.pixel_budget import ImageTooLargeError, check_image
 from dilseg.runtime.postprocess import class_areas, colorize, palette_bgr
 from dilseg.runtime.segmenter import Segmenter
 from dilseg.runtime.sinks import Sink
@@ -51,7 +52,13 @@ def png(image: np.ndarray) -> bytes:
 
 
 def decode_image(name: str, data: bytes) -> np.ndarray:
-    """Uploaded bytes -> BGR uint8 image, or a MediaError that says why not."""
+    """Uploaded bytes -> BGR uint8 image, or a MediaError that says why not. An image whose header
+    announces more pixels than the budget is refused before decoding (a decompression bomb
+    would otherwise take the server, and every viewer's page, down)."""
+    try:
+        check_image(data, f"`{name}`")
+    except ImageTooLargeError as exc:
+        raise MediaError(str(exc)) from None
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if image is None:
         raise MediaError(f"`{name}` is not an image this demo can read. "
