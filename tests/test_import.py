@@ -398,3 +398,44 @@ def test_demo_loads_an_imported_model_by_path_and_by_upload(adopted, segformer, 
     foreign = save_upload("segformer.onnx", plain.read_bytes())
     with pytest.raises(ModelChoiceError, match="dilseg import"):
         check_model(foreign)
+
+
+def test_adopted_graph_that_disagrees_with_the_original_is_refused_with_the_figure(work, capsys) -> None:
+    """A graph whose scores carry fresh random noise on every run: the adopted copy cannot
+    agree with the original, and the refusal gives the agreement measured."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    weight = numpy_helper.from_array(rng.normal(0, 0.1, (11, 3, 4, 4)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["pixel_values", "w"], ["scores"], strides=[4, 4]),
+             helper.make_node("RandomNormalLike", ["scores"], ["noise"], scale=10.0),
+             helper.make_node("Add", ["scores", "noise"], ["logits"])]
+    graph = helper.make_graph(nodes, "noisy", [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT,
+                                                                             [1, 3, *SIZE])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 11, 16, 24])],
+                              initializer=[weight])
+    src = work / "noisy.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    out = work / "noisy_dilseg.onnx"
+    rc, _, stderr = run_cli(capsys, "import", src, "-o", out, "--classes", "camvid", "--frames", CAMVID)
+    assert rc == 2 and "agree with the original's argmax on only" in stderr and "(< 99.9%)" in stderr
+    assert "nothing was written" in stderr and not out.exists()
+
+
+def test_bench_runs_an_imported_model(adopted, capsys) -> None:
+    rc, stdout, stderr = run_cli(capsys, "bench", "--model", adopted, "--frames", 5, "--warmup", 1, "--quiet")
+    assert rc == 0, stderr
+    assert "infer" in stdout
+
+
+def test_import_needs_no_torch(segformer_onnx, work) -> None:
+    import subprocess
+    import sys
+
+    out = work / "no_torch.onnx"
+    code = ("import sys; sys.modules['torch'] = None\n"  # any import of torch now fails
+            "from dilseg.runtime.cli import main\n"
+            f"sys.exit(main(['import', {str(segformer_onnx)!r}, '-o', {str(out)!r}, '--classes', 'camvid']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert read_onnx_meta(out).model == "segformer"
