@@ -140,3 +140,18 @@ class _SmallOnnx:
 @pytest.fixture(scope="session")
 def trt_onnx(tmp_path_factory):
     return _SmallOnnx(tmp_path_factory.getbasetemp())
+
+
+@pytest.fixture(scope="session")
+def gpu():
+    """pycuda's driver module once TensorRT, pycuda and a CUDA device are all there; else the test
+    is skipped with the reason (GPU tests: marked gpu/tensorrt)."""
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (GPU test)")
+    cuda = pytest.importorskip("pycuda.driver", reason="pycuda is not installed (GPU test)")
+    try:
+        cuda.init()
+        if cuda.Device.count() == 0:
+            pytest.skip("no CUDA device")
+    except Exception as exc:
+        pytest.skip(f"no usable CUDA driver: {exc}")
+    return cuda

@@ -78,17 +78,9 @@ def test_segmenter_face_on_a_small_model(small_onnx, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.tensorrt
-def test_render_on_the_gpu_draws_the_cpu_picture(trt_onnx, tmp_path):
+def test_render_on_the_gpu_draws_the_cpu_picture(gpu, trt_onnx, tmp_path):
     """TensorRT with pycuda: seg.render colours and blends the frame the engine holds on the GPU;
     an older result (the engine holds another frame) is drawn on the CPU. Needs a GPU."""
-    pytest.importorskip("tensorrt", reason="TensorRT is not installed (GPU test)")
-    cuda = pytest.importorskip("pycuda.driver", reason="pycuda is not installed (GPU test)")
-    try:
-        cuda.init()
-        if cuda.Device.count() == 0:
-            pytest.skip("no CUDA device")
-    except Exception as exc:  # noqa: BLE001 - any driver failure means no GPU test here
-        pytest.skip(f"no usable CUDA driver: {exc}")
     from dilseg.runtime import ViewSettings, open_segmenter
     from dilseg.runtime.sources import test_frame
     from dilseg.runtime.trt.build import BuildOptions, build_engine

@@ -59,19 +59,6 @@ def test_backend_rejects_other_files(tmp_path):
 # -- with TensorRT and a GPU ---------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def gpu():
-    pytest.importorskip("tensorrt", reason="TensorRT is not installed (GPU test)")
-    cuda = pytest.importorskip("pycuda.driver", reason="pycuda is not installed (GPU test)")
-    try:
-        cuda.init()
-        if cuda.Device.count() == 0:
-            pytest.skip("no CUDA device")
-    except Exception as exc:
-        pytest.skip(f"no usable CUDA driver: {exc}")
-    return cuda
-
-
-@pytest.fixture(scope="module")
 def engine(gpu, trt_onnx, tmp_path_factory):
     from dilseg.runtime.trt.build import BuildOptions, build_engine
 
