@@ -4,6 +4,10 @@ training log, per-class val IoU and ONNX Runtime CPU latency on this machine.
     python scripts/make_model_card.py --run runs/edge_m --onnx models/edge_m_camvid.onnx \
         --data ../shared/data/camvid --train-command "dilseg train ..."
 
+With ``--fold RUN`` (repeatable: the sequence-held-out runs of the same recipe, see
+training/README.md) the card adds per-class IoU on each held-out sequence and their mean,
+which is what predicts unseen footage; the classic val sits between training frames.
+
 Writes models/<stem>.md, models/<stem>_curve.png and models/<stem>.metrics.json (the
 figures the CI guards read). Everything it prints is measured in this run.
 """
@@ -41,12 +45,43 @@ def plot_curve(log: list[dict], path: Path) -> None:
     ax1.set_xlabel("epoch")
     ax1.set_ylabel("train loss (weighted CE)", color="tab:blue")
     ax2 = ax1.twinx()
-    ax2.plot(epochs, [100 * float(r["val_miou"]) for r in log], color="tab:red", label="val mIoU")
-    ax2.set_ylabel("CamVid val mIoU (%)", color="tab:red")
+    for column, colour, label in (("val_miou", "tab:red", "classic val"), ("holdout_miou", "tab:green", "held-out sequence")):
+        points = [(e, 100 * float(r[column])) for e, r in zip(epochs, log) if r.get(column, "nan") != "nan"]
+        if points:
+            ax2.plot(*zip(*points), color=colour, label=f"{label} mIoU")
+    ax2.set_ylabel("CamVid mIoU (%)", color="tab:red")
+    ax2.legend(loc="lower right", fontsize=8)
     ax1.set_title("edge model on CamVid train (from scratch)")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
+
+
+def fold_table(runs: list[Path]) -> dict:
+    """Per-class IoU of each held-out sequence's best epoch (best.json), and the mean mIoU."""
+    if not runs:
+        return {}
+    reports = []
+    for run in runs:
+        report = json.loads((run / "best.json").read_text())
+        if not report.get("holdout_sequence"):
+            raise SystemExit(f"{run}: not a sequence-held-out run (trained without --holdout)")
+        reports.append(report)
+    names = list(reports[0]["holdout"]["iou"])
+    head = "| class | " + " | ".join(f"{r['holdout_sequence']} held out" for r in reports) + " |"
+    lines = ["## Held-out sequences (unseen footage)",
+             "Each column: trained without that sequence, scored on all its frames (train and val), at the epoch",
+             "the held-out score selected. The classic val above sits one second between training frames.", "",
+             head, "|---|" + "---|" * len(reports)]
+    for c in names:
+        cells = [r["holdout"]["iou"][c] for r in reports]
+        lines.append(f"| {c} | " + " | ".join("-" if v is None else f"{100 * v:.1f}" for v in cells) + " |")
+    per_seq = {r["holdout_sequence"]: r["holdout"]["miou"] for r in reports}
+    mean = float(np.mean(list(per_seq.values())))
+    lines.append("| **mIoU** | " + " | ".join(f"**{100 * v:.2f}**" for v in per_seq.values()) + " |")
+    lines += ["", f"Mean over the held-out sequences: **{100 * mean:.2f}%** "
+                  f"(epochs selected: {', '.join(str(r['epoch']) for r in reports)})."]
+    return {"mean": mean, "per_sequence": per_seq, "markdown": "\n".join(lines)}
 
 
 def write_text(path: Path, text: str) -> None:
@@ -72,6 +107,8 @@ def main() -> None:
     ap.add_argument("--data", required=True)
     ap.add_argument("--train-command", required=True)
     ap.add_argument("--runs", type=int, default=100, help="latency runs (median reported)")
+    ap.add_argument("--fold", action="append", default=[], metavar="RUN",
+                    help="a sequence-held-out run of the same recipe (best.json, config.json); repeatable")
     ap.add_argument("--section", action="append", default=[], metavar="MD",
                     help="markdown file appended to the card (e.g. the width and precision tables, "
                          "each with the command that measured it); repeatable")
@@ -99,8 +136,14 @@ def main() -> None:
                "best_epoch": int(info.get("epoch", 0)), "epochs": len(log), "machine": f"{cpu_name()}, {os.cpu_count()} cores"}
     write_text(Path(f"{stem}.metrics.json"), json.dumps(metrics, indent=2) + "\n")
 
+    folds = fold_table([Path(f) for f in args.fold])
+    if folds:
+        metrics["heldout_miou_mean"] = folds["mean"]
+        metrics["heldout_miou"] = folds["per_sequence"]
+        write_text(Path(f"{stem}.metrics.json"), json.dumps(metrics, indent=2) + "\n")
     rows = "\n".join(f"| {name} | {iou:.1f} |" for name, iou in scores["iou"].items())
-    best = max(log, key=lambda r: float(r["val_miou"]))
+    scored = [r for r in log if r["val_miou"] != "nan"] or log
+    best = max(scored, key=lambda r: float(r["val_miou"]))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     card = f"""# {stem.name}: the shipped default model
 
@@ -145,6 +188,8 @@ ONNX Runtime CPU, batch 1, 360x480, median of {args.runs} runs after warm-up: **
 `python scripts/profile_model.py --model edge_m --onnx models/{onnx_path.name}` reproduces it
 next to PyTorch eager.
 """
+    if folds:
+        card += "\n" + folds["markdown"] + "\n"
     for section in args.section:
         card += "\n" + Path(section).read_text().strip() + "\n"
     write_text(Path(f"{stem}.md"), card)

@@ -4,7 +4,9 @@
 #   nohup scripts/train_background.sh > training/background.log 2>&1 &
 #
 # Each run lives in training/runs/<name>/ (last.pt, log.csv, best.safetensors, best.json,
-# train.log) and resumes from its last.pt, so stopping the script at any point loses at
+# config.json, train.log; DONE once its schedule has run out: then last.pt is removed
+# and the run is skipped)
+# and resumes from its last.pt, so stopping the script at any point loses at
 # most the epoch in progress. The runs execute a snapshot of the committed code (git HEAD
 # when the script starts, unpacked under /tmp), so edits in the working tree while a run
 # goes on cannot break or change it. Environment: DATA (default ../shared/data/camvid),
@@ -32,12 +34,22 @@ while IFS='|' read -r name args; do
     name=$(echo "$name" | xargs)
     [[ -z "$name" || "$name" == \#* ]] && continue
     dir=training/runs/$name
+    if [[ -f "$dir/DONE" ]]; then
+        echo "$(date -u +%FT%TZ) $name finished earlier ($(cat "$dir/DONE")); skipped"
+        continue
+    fi
     mkdir -p "$dir"
     echo "$(date -u +%FT%TZ) start/resume $name at $rev: $args" | tee -a "$dir/train.log"
     # shellcheck disable=SC2086  # args are a word list by design
     if ! nice -n "$NICE" python3 -P -m dilseg.runtime.cli train --data "$DATA" --out "$dir" --resume \
             --threads "$THREADS" $args < /dev/null >> "$dir/train.log" 2>&1; then
         echo "$(date -u +%FT%TZ) $name failed (see $dir/train.log); going on with the next run" | tee -a "$dir/train.log"
+    else
+        # Finished: the schedule ran to its last epoch. Its 16 MB resume state would only
+        # weigh on every clone; best/last weights, log and best.json stay.
+        echo "$(date -u +%FT%TZ) at $rev" > "$dir/DONE"
+        rm -f "$dir/last.pt"
+        echo "$(date -u +%FT%TZ) $name finished" | tee -a "$dir/train.log"
     fi
 done < "$PLAN"
 echo "$(date -u +%FT%TZ) plan finished"

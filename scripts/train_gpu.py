@@ -78,7 +78,8 @@ class Driver:
         self.log_file = open(self.out / "driver.log", "a")
         self.cuda = _cuda()
         cores = os.cpu_count() or 2
-        self.workers = args.workers if args.workers >= 0 else max(1, (cores - args.jobs) // args.jobs)
+        # The main processes mostly wait on the GPU: about two augmenting workers per job.
+        self.workers = args.workers if args.workers >= 0 else max(1, round((cores - args.jobs / 2) / args.jobs))
         self.log(f"cuda: {self.cuda}; cores {cores}; jobs {args.jobs}; workers per job {self.workers}; "
                  f"budget {args.budget:.0f}s")
 
@@ -93,7 +94,7 @@ class Driver:
         cmd = [sys.executable, "-P", "-m", "dilseg.runtime.cli", "train", "--data", a.data,
                "--out", str(self.out / "runs" / job.name), "--epochs", str(job.epochs), "--workers", str(workers),
                "--batch-size", str(a.batch_size), "--lr", str(a.lr), "--val-every", str(a.val_every),
-               "--threads", "2", *job.args]
+               "--threads", "1", *job.args]
         if self.cuda:
             cmd += ["--amp", "--channels-last"]
         if a.smoke:
@@ -104,7 +105,7 @@ class Driver:
         """Run jobs, ``concurrency`` at a time, killing what is still running at ``deadline``."""
         pending, running = list(jobs), []
         workers = self.workers if concurrency >= self.args.jobs else \
-            max(1, ((os.cpu_count() or 2) - concurrency) // concurrency)
+            max(1, round(((os.cpu_count() or 2) - concurrency / 2) / concurrency))
         while pending or running:
             while pending and len(running) < concurrency:
                 job = pending.pop(0)
