@@ -48,7 +48,7 @@ def test_run_on_a_video_writes_video_labels_and_summary(tmp_path: Path, small_on
         assert np.array_equal(mask, seg(frame).labels)
 
 
-@pytest.mark.parametrize("sig, rc", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("sig, rc", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_stops_cleanly_and_the_video_is_playable(tmp_path: Path, small_onnx, sig, rc) -> None:
     out = tmp_path / "live.mp4"
     proc = dilseg_proc("run", "--model", str(small_onnx), "--source", "test://160x120?fps=60",
