@@ -51,6 +51,9 @@ class TorchOptions(BackendOptions):
     device: str = "auto"  # "auto" (CUDA when torch sees one), "cpu", "cuda", "cuda:1", ...
     # The label head (export/heads.py): run an exported graph's own head to compare like with like.
     head: str = "full"
+    # NHWC activations: oneDNN's convolutions run without reordering each layer's input
+    # (about 2x faster on CPUs than NCHW for these models; the labels are the same).
+    channels_last: bool = True
 
     def __post_init__(self) -> None:
         if self.input_size is not None:
@@ -78,10 +81,14 @@ class TorchBackend(Backend):
                                    ("cpu" if device == "auto" else device))
         model, _ = load_model(self.path)
         self.model = LabelHead(model.eval(), self.options.head).eval().to(self.device)
+        if self.options.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
 
     def infer_impl(self, tensor: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             x = torch.from_numpy(np.ascontiguousarray(tensor, dtype=np.float32)).to(self.device)
+            if self.options.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             return self.model(x).cpu().numpy()
 
     def close_impl(self) -> None:

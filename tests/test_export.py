@@ -263,3 +263,19 @@ def test_cli_head_choices_are_the_exporters() -> None:
     r = dilseg("export", "onnx", "--help")
     assert all(name in r.stdout for name in HEADS)
     assert "{" + ",".join(HEADS) + "}" in r.stdout
+
+
+def test_pytorch_backend_runs_channels_last_with_the_same_labels(trained_weights) -> None:
+    from dilseg.runtime.backends import open_backend
+
+    x = verification_inputs(camvid_meta("edge_s", (64, 96)), (64, 96), n=1, seed=11)[0]
+    fast = open_backend(trained_weights, input_size=(64, 96), head="half")
+    plain = open_backend(trained_weights, input_size=(64, 96), head="half", channels_last=False)
+    try:
+        assert fast.options.channels_last  # the default
+        conv = next(m for m in fast.model.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        assert np.array_equal(fast.infer(x), plain.infer(x))
+    finally:
+        fast.close()
+        plain.close()
