@@ -261,6 +261,17 @@ def _cast(proto: onnx.ModelProto, names: _Names, x: str, to: int, base: str) -> 
     return out
 
 
+def _axis1(proto: onnx.ModelProto, names: _Names, op: str, x: str) -> str:
+    """Squeeze or Unsqueeze axis 1 (an input from opset 13, an attribute before)."""
+    out = names(op.lower())
+    if default_opset(proto) >= 13:
+        axes = _const(proto, names, "axis1", np.array([1], np.int64))
+        proto.graph.node.append(helper.make_node(op, [x, axes], [out], name=names(f"{op.lower()}_node")))
+    else:
+        proto.graph.node.append(helper.make_node(op, [x], [out], axes=[1], name=names(f"{op.lower()}_node")))
+    return out
+
+
 def add_head(proto: onnx.ModelProto, source: OutputKind, size: tuple[int, int] | None, output_kind: str) -> None:
     """Replace the graph's outputs by int32 labels (or resized scores) at the input size."""
     g = proto.graph
@@ -281,31 +292,13 @@ def add_head(proto: onnx.ModelProto, source: OutputKind, size: tuple[int, int] |
             x, out_name, elem = argmax, "labels", TensorProto.INT32
             dims = [batch[0], *(size or ("height", "width"))]
     else:
-        if len(source.shape) == 4:
-            squeezed = names("squeezed")
-            if default_opset(proto) >= 13:
-                axes = _const(proto, names, "axis1", np.array([1], np.int64))
-                g.node.append(helper.make_node("Squeeze", [x, axes], [squeezed], name=names("squeeze")))
-            else:
-                g.node.append(helper.make_node("Squeeze", [x], [squeezed], axes=[1], name=names("squeeze")))
-            x = squeezed
-        if resize:
-            # Resize on integers is not universal (TensorRT): float holds class ids exactly.
-            unsqueezed = names("unsqueezed")
-            if default_opset(proto) >= 13:
-                axes = _const(proto, names, "axis1u", np.array([1], np.int64))
-                g.node.append(helper.make_node("Unsqueeze", [x, axes], [unsqueezed], name=names("unsqueeze")))
-            else:
-                g.node.append(helper.make_node("Unsqueeze", [x], [unsqueezed], axes=[1], name=names("unsqueeze")))
-            x = _resize(proto, names, _cast(proto, names, unsqueezed, TensorProto.FLOAT, "label_float"), in_name, size,
-                        nearest=True)
-            squeezed = names("squeezed_back")
-            if default_opset(proto) >= 13:
-                axes = _const(proto, names, "axis1s", np.array([1], np.int64))
-                g.node.append(helper.make_node("Squeeze", [x, axes], [squeezed], name=names("squeeze_back")))
-            else:
-                g.node.append(helper.make_node("Squeeze", [x], [squeezed], axes=[1], name=names("squeeze_back")))
-            x = squeezed
+        if resize or len(source.shape) == 4:
+            x4 = x if len(source.shape) == 4 else _axis1(proto, names, "Unsqueeze", x)
+            if resize:
+                # Resize on integers is not universal (TensorRT): float holds class ids exactly.
+                x4 = _resize(proto, names, _cast(proto, names, x4, TensorProto.FLOAT, "label_float"), in_name, size,
+                             nearest=True)
+            x = _axis1(proto, names, "Squeeze", x4)
         out_name, elem = "labels", TensorProto.INT32
         dims = [batch[0], *(size or ("height", "width"))]
     if output_kind == "labels" or source.kind == "labels":

@@ -132,7 +132,7 @@ def lively(model: nn.Module, size: tuple[int, int]) -> nn.Module:
 
 
 def user_export(module: nn.Module, path: Path, size: tuple[int, int], dynamic: bool = False,
-                dynamo: bool = True, output_names: list[str] | None = None) -> Path:
+                dynamo: bool = True, output_names: list[str] | None = None, opset: int = 17) -> Path:
     """``torch.onnx.export`` as a user calls it (the default exporter, or the TorchScript one)."""
     import warnings
 
@@ -142,6 +142,6 @@ def user_export(module: nn.Module, path: Path, size: tuple[int, int], dynamic: b
         kw["dynamic_axes"] = {"pixel_values": {0: "batch", 2: "height", 3: "width"}}
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), (x,), str(path), dynamo=dynamo and not dynamic, opset_version=17 if not dynamo
+        torch.onnx.export(module.eval(), (x,), str(path), dynamo=dynamo and not dynamic, opset_version=opset if not dynamo
                           else None, **kw)
     return Path(path)

@@ -176,9 +176,11 @@ def test_dynamic_graph_needs_a_size_or_dynamic_and_runs_at_any_size(segformer, w
     assert read_onnx_meta(fixed).input_size == (128, 160)
 
 
-def test_labels_output_at_a_stride_is_upsampled_nearest(segformer, work, capsys) -> None:
-    src = fm.user_export(fm.Labels(segformer), work / "labels.onnx", SIZE, dynamo=False, output_names=["labels"])
-    out = work / "labels_dilseg.onnx"
+@pytest.mark.parametrize("opset", [17])
+def test_labels_output_at_a_stride_is_upsampled_nearest(segformer, work, capsys, opset) -> None:
+    src = fm.user_export(fm.Labels(segformer), work / f"labels{opset}.onnx", SIZE, dynamo=False,
+                         output_names=["labels"], opset=opset)
+    out = work / f"labels{opset}_dilseg.onnx"
     rc, stdout, stderr = run_cli(capsys, "import", src, "-o", out, "--classes", "camvid", "--frames", CAMVID)
     assert rc == 0, stderr
     assert "integer labels" in stderr
@@ -439,3 +441,33 @@ def test_import_needs_no_torch(segformer_onnx, work) -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert read_onnx_meta(out).model == "segformer"
+
+
+def test_opset_11_graph_gets_an_opset_11_head(work, capsys) -> None:
+    """Before opset 13 Squeeze/Unsqueeze take axes as an attribute and Resize needs roi/scales inputs."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 11, 4, stride=4), torch.nn.ReLU()).eval()
+
+    class Labels(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net(x).argmax(1, keepdim=True)  # N x 1 x h x w int64 at 1/4
+
+    for name, module in (("scores11", net), ("labels11", Labels().eval())):
+        src = fm.user_export(module, work / f"{name}.onnx", SIZE, dynamo=False, opset=11)
+        out = work / f"{name}_dilseg.onnx"
+        rc, _, stderr = run_cli(capsys, "import", src, "-o", out, "--classes", "camvid", "--frames", CAMVID)
+        assert rc == 0, stderr
+        graph = onnx.load(str(out))
+        assert graph.opset_import[0].version == 11 and graph.graph.output[0].type.tensor_type.elem_type == 6
+        x = preprocess(camvid_frames(1)[0], read_onnx_meta(out))
+        with torch.no_grad():
+            small = net(torch.from_numpy(x)).numpy()
+        got = open_backend(out).infer(x)[0]
+        if name == "labels11":
+            assert np.array_equal(got, np.repeat(np.repeat(small[0].argmax(0), 4, 0), 4, 1))
+        else:
+            assert got.shape == SIZE and len(np.unique(got)) > 1
