@@ -678,8 +678,9 @@ def test_demo_command_runs_streamlit_headless_without_telemetry():
 
     from dilseg.demo.cli import streamlit_command
 
-    cmd = streamlit_command(argparse.Namespace(port=8642, address="127.0.0.1"))
+    cmd = streamlit_command(argparse.Namespace(port=8642, address="127.0.0.1", max_upload_mb=64))
     assert cmd[1:4] == ["-m", "streamlit", "run"] and cmd[4].endswith("server.py") and Path(cmd[4]).is_file()
     joined = " ".join(cmd)
     assert "--server.headless true" in joined and "--server.port 8642" in joined
     assert "--browser.gatherUsageStats false" in joined and "--server.address 127.0.0.1" in joined
+    assert "--server.maxUploadSize 64" in joined
