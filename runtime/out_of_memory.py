@@ -4,6 +4,7 @@ inside OpenCV, numpy or ONNX Runtime. Out of memory is the environment's limit, 
 
 from __future__ import annotations
 
+import re
 import sys
 
 ADVICE = ("the frames or images are too large for the memory this process may use: downscale the input, "
@@ -24,7 +25,9 @@ def out_of_memory(exc: BaseException) -> str | None:
     if isinstance(exc, MemoryError):
         detail = str(exc) or "an allocation failed"
     elif cv2 is not None and isinstance(exc, cv2.error) and getattr(exc, "code", None) == cv2.Error.StsNoMem:
-        detail = "OpenCV: " + (str(exc).strip().splitlines() or ["insufficient memory"])[-1].split(") ", 1)[-1]
+        wanted = re.search(r"allocate (\d+) bytes", str(exc))
+        detail = f"OpenCV could not allocate {int(wanted.group(1)) / (1 << 20):.0f} MiB" if wanted else \
+            "OpenCV: insufficient memory"
     elif _ort_alloc_failure(exc):
         detail = "ONNX Runtime could not allocate its buffers"
     else:
