@@ -58,9 +58,15 @@ def run_streams(args: argparse.Namespace, specs: list[str], model) -> int:
     if args.max_batch is not None and args.max_batch < 1:
         raise CliError(f"--max-batch {args.max_batch}: must be 1 or more")
     check_json_target(args.json)
+    from .output_guard import check_outputs
+
+    for i, spec in enumerate(specs):
+        check_outputs(spec, args.output and stream_path(args.output, i),
+                      [("--overlays", args.overlays and stream_path(args.overlays, i), ".jpg"),
+                       ("--labels", args.labels and stream_path(args.labels, i), ".png")])
     opened_sinks: list = []
     with contextlib.ExitStack() as stack:
-        sources = _open_sources(specs)
+        sources = _open_sources(specs, reopen_attempts=args.reopen_attempts)
         for source in sources:
             stack.callback(source.close)
         try:
@@ -106,7 +112,15 @@ def run_streams(args: argparse.Namespace, specs: list[str], model) -> int:
         write_json(args.json, stats.to_dict())
         print(f"wrote {args.json}")
     _raise_stream_errors(stats)
-    return 130 if stats.stopped_by == "SIGINT" else 0
+    from . import exit_status
+
+    if stats.stopped_by in ("SIGINT", "SIGTERM"):
+        return exit_status.for_stop(stats.stopped_by)
+    lost = [r for r in stats.streams if r.stats.stopped_by == "source lost"]
+    for report in lost:
+        print(f"dilseg run: source lost: stream {report.index} ({report.spec}) gave up after {args.reopen_attempts} "
+              "reopen attempts; its outputs hold the frames before", file=sys.stderr)
+    return exit_status.SOURCE_LOST if lost else exit_status.OK
 
 
 def _raise_stream_errors(stats) -> None:

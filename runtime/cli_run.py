@@ -302,6 +302,11 @@ def _report_kept(pipeline) -> None:
         count = getattr(sink, "count", 0)
         if count and not sink.spec.startswith("window"):
             print(f"dilseg run: kept {sink.spec} ({count} frames, complete)", file=sys.stderr)
+    for sink in pipeline.failed_sinks:
+        count = getattr(sink, "count", 0)
+        if count and getattr(sink, "folder", None) is not None:  # each image was written whole, or not at all
+            print(f"dilseg run: {sink.spec}: the {count} images written before it failed are complete",
+                  file=sys.stderr)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

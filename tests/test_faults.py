@@ -300,6 +300,7 @@ def test_one_full_sink_keeps_the_other_outputs_complete_and_says_so(tmp_path, sm
     assert f"viz" not in "".join(line for line in r.stderr.splitlines() if "kept" in line)
     overlays = list((disk / "viz").iterdir())
     assert all(cv2.imread(str(p)) is not None for p in overlays), "a half-written overlay image was left"
+    assert f"the {len(overlays)} images written before it failed are complete" in r.stderr, r.stderr
 
 
 # ---------------------------------------------------------------------------------- 3. outputs that are inputs
@@ -416,6 +417,28 @@ def test_a_lost_live_source_exits_3_with_its_frames_kept(tmp_path, http_server, 
     assert proc.returncode == 3, text
     assert "source lost" in text and "gave up" in text, text
     assert decoded_frames(out) > 0
+
+
+def test_several_sources_one_lost_exits_3_and_refuses_an_output_that_is_an_input(tmp_path, http_server, model):
+    server = http_server(tmp_path, fps=30, size=(160, 120))
+    proc, err = start("run", "--model", model, "--source", server.live_url, "--source", "test://160x120?frames=30",
+                      "--quiet", "--reopen-attempts", "1", stdout=tmp_path / "stdout")
+    try:
+        err.wait_for("dilseg run:")
+        time.sleep(1.0)
+        server.kill()
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, err.text
+    assert "source lost: stream 0" in err.text
+    video = tmp_path / "in0.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (160, 120))
+    writer.write(frames(1)[0])
+    writer.release()
+    r = dilseg("run", "--model", model, "--source", video, "--source", "test://", "--output", tmp_path / "in{i}.avi")
+    one_line_error(r, "would overwrite the input")
+    assert decoded_frames(video) == 1
 
 
 def test_sigterm_exits_143_with_a_playable_video(tmp_path, model):
