@@ -243,6 +243,28 @@ def test_png_bomb_upload_on_the_demo_page_is_refused_and_the_page_recovers(monke
     assert not at.error and at.get("download_button")
 
 
+def test_a_huge_synthetic_server_source_on_the_demo_page_is_refused(monkeypatch, model):
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+
+    import dilseg.demo.page as page
+    from dilseg.demo import shared_camera
+
+    monkeypatch.setenv("DILSEG_DEMO_MODEL", str(model))
+    at = AppTest.from_file(str(Path(page.__file__).with_name("app.py")), default_timeout=60)
+    at.session_state["source"] = "server"
+    at.run()
+    try:
+        at.text_input(key="server_spec").input("test://30000x30000")
+        at.button(key="server_start").click().run()
+        assert not at.exception
+        shown = "\n".join(e.value for e in at.error)
+        assert "30000x30000" in shown and "megapixels" in shown, shown
+        assert shared_camera.running("test://30000x30000") is None
+    finally:
+        shared_camera.stop_all()
+
+
 def test_demo_uploads_are_bounded_and_named_after_the_upload(tmp_path, monkeypatch):
     import tempfile
 
