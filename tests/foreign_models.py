@@ -105,6 +105,30 @@ class OddStride(nn.Module):
         return self.conv(x)
 
 
+class Several(nn.Module):
+    """SegFormer behind the output conventions of other libraries: torchvision's dict
+    ``{"out": ..., "aux": ...}`` or a plain tuple (aux first, so the default pick would be wrong)."""
+
+    def __init__(self, num_labels: int, kind: str) -> None:
+        super().__init__()
+        self.model, self.kind = segformer(num_labels), kind
+
+    def forward(self, x: torch.Tensor):
+        logits = self.model(pixel_values=x).logits
+        aux = logits.flip(1)
+        return {"aux": aux, "out": logits} if self.kind == "dict" else (aux, logits)
+
+
+def segformer_dict(num_labels: int = 11, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return Several(num_labels, "dict").eval()
+
+
+def segformer_tuple(num_labels: int = 11, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return Several(num_labels, "tuple").eval()
+
+
 def odd_stride(num_labels: int = 11) -> nn.Module:
     return OddStride(num_labels).eval()
 

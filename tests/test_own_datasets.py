@@ -35,6 +35,17 @@ def camvid_pairs(n: int = 4) -> list[tuple[str, np.ndarray, np.ndarray]]:
     return [(data.samples[i].stem, *data[i]) for i in list(picks)[:n]]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """These models are tiny: one thread runs them in milliseconds, while OpenMP workers waiting
+    on busy cores can make each forward pass hundreds of times slower."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def own(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("own")
