@@ -116,6 +116,22 @@ def photometric(image: np.ndarray, p: Photometric, rng: np.random.Generator) -> 
     if rng.random() < p.blur_p:
         out = cv2.GaussianBlur(out, (0, 0), float(rng.uniform(0.3, p.blur_sigma)))
     if rng.random() < p.noise_p:
-        noise = rng.standard_normal(out.shape, dtype=np.float32) * float(rng.uniform(1.0, p.noise_std))
+        h, w = out.shape[:2]
+        bank = _noise_bank(h, w)
+        y, x = int(rng.integers(0, bank.shape[0] - h + 1)), int(rng.integers(0, bank.shape[1] - w + 1))
+        noise = bank[y:y + h, x:x + w] * float(rng.uniform(1.0, p.noise_std) * rng.choice((-1.0, 1.0)))
         out = cv2.add(out, noise, dtype=cv2.CV_8U)
     return out
+
+
+_NOISE: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _noise_bank(h: int, w: int) -> np.ndarray:
+    """Unit Gaussian noise larger than the crop, made once per process from a fixed seed: a
+    random window of it (random offset and sign) costs a slice, where drawing every pixel
+    anew costs more than all the other augmentation together."""
+    key = (h + 256, w + 256)
+    if key not in _NOISE:
+        _NOISE[key] = np.random.default_rng(20240601).standard_normal((*key, 3), dtype=np.float32)
+    return _NOISE[key]
