@@ -221,8 +221,7 @@ def run_export_torch(args) -> int:
     from dilseg.runtime.metadata import ModelMeta
 
     from .cli import write_export
-    from .cli_import import parse_triple
-    from .onnx_export import parse_size
+    from .cli_import import parse_hw, parse_triple
 
     if args.model:
         raise CliError("--model names a zoo model; with --torch your factory builds the network: drop --model")
@@ -230,7 +229,7 @@ def run_export_torch(args) -> int:
         raise CliError("--torch needs --classes FILE|PRESET: the names (and colours) of the classes the module "
                        "predicts, e.g. --classes cityscapes or --classes classes.txt")
     classes = load_classes(args.classes)
-    size = None if args.dynamic else parse_size(args.size)
+    size = None if args.dynamic else parse_hw(args.size)  # any size the network's stride divides
     model, stride = prepare_torch(args.torch, args.kwargs, args.weights, classes, size, args.torch_output)
     name = args.name or args.torch.rpartition(":")[2]
     meta = ModelMeta(model=name, classes=classes.names, palette=classes.palette, input_size=size,

@@ -315,6 +315,19 @@ def test_torch_factory_by_module_name_with_safetensors(upernet, work, capsys) ->
     assert agree >= 99.9
 
 
+def test_torch_factory_dynamic_export_runs_at_the_frame_size(segformer, work, capsys) -> None:
+    out = work / "segformer_torch_dyn.onnx"
+    rc, _, stderr = run_cli(capsys, "export", "onnx", "--torch", f"{FACTORIES}:segformer", "--weights",
+                            work / "segformer.pt", "--classes", "camvid", "--dynamic", "-o", out)
+    assert rc == 0, stderr
+    backend = open_backend(out)
+    assert backend.meta.input_size is None
+    frame = camvid_frames(1)[0]
+    x = preprocess(frame, backend.meta)
+    assert x.shape[2:] == (360, 480)
+    assert (backend.infer(x)[0] == torch_labels(segformer, frame, backend.meta)).mean() >= 0.999
+
+
 @pytest.mark.parametrize("factory, pick", [("segformer_dict", []), ("segformer_tuple", ["--torch-output", "1"])])
 def test_torch_factory_outputs_as_dict_or_tuple(factory, pick, work, capsys) -> None:
     out = work / f"{factory}.onnx"
