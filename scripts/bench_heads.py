@@ -5,8 +5,9 @@ For every head, exports the weights to an fp32 ONNX and its int8 ``cpu``-flavour
 evaluates both on CamVid val (mIoU through the runtime, as `dilseg eval`), and times each on
 ONNX Runtime and (when installed) OpenVINO at f32 and bf16, every contender in alternating
 blocks in one run. The head's own cost comes from each runtime's per-node profile (ONNX
-Runtime's session profiler, OpenVINO's PERF_COUNT): the nodes after the class scores
-(Resize/Interpolate, ArgMax/TopK, label Resize, Casts, layout reorders and their Q/DQ).
+Runtime's session profiler, OpenVINO's PERF_COUNT): every kernel after the last convolution
+(Resize/Interpolate, ArgMax, label Resize, Casts, layout reorders and their Q/DQ). OpenVINO
+compiles each model as the OpenVINO backend does, its ArgMax rewrite included.
 
     python scripts/bench_heads.py --weights models/edge_m_camvid.safetensors --data ../shared/data/camvid
     python scripts/bench_heads.py --heads full,half --runs 100 --json heads.json
@@ -29,9 +30,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_model import interleaved_medians  # noqa: E402
 
-# Per-node kernels that belong to the head, by the op name each profiler reports.
-ORT_HEAD_OPS = {"Resize", "Upsample", "ArgMax", "Cast", "Squeeze", "Unsqueeze", "Expand", "Reshape", "ReorderOutput"}
-OV_HEAD_OPS = {"Interpolate", "TopK", "ArgMax", "Convert", "Squeeze", "Unsqueeze", "Reshape", "Broadcast"}
+# The head is every kernel a run executes after its last convolution (the class scores'
+# producer): upsampling, ArgMax (or OpenVINO's rewrite of it), label resize, casts, layout
+# reorders and their Q/DQ.
+CONV_OPS = {"Conv", "QLinearConv", "FusedConv", "NchwcConv", "ConvInteger", "Convolution"}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -101,6 +103,12 @@ def ort_session(path: Path, profile: bool = False):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def tail_after_last_conv(kernels: list[tuple[str, float]]) -> float:
+    """Sum of the durations after the last convolution in one run's kernels, in execution order."""
+    last = max((i for i, (op, _) in enumerate(kernels) if op in CONV_OPS), default=-1)
+    return sum(ms for _, ms in kernels[last + 1:])
+
+
 def ort_head_ms(path: Path, x: np.ndarray, runs: int) -> tuple[float, float]:
     """(head ms, all kernels ms) per run from ONNX Runtime's profiler."""
     sess = ort_session(path, profile=True)
@@ -109,25 +117,31 @@ def ort_head_ms(path: Path, x: np.ndarray, runs: int) -> tuple[float, float]:
     trace = Path(sess.end_profiling())
     events = json.loads(trace.read_text())
     trace.unlink()
+    kernels = sorted((e["ts"], e["args"]["op_name"], e["dur"] / 1e3) for e in events
+                     if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"))
+    per_run = len(kernels) // runs
     head = total = 0.0
-    for e in events:
-        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
-            op, name = e["args"]["op_name"], e["name"]
-            total += e["dur"]
-            q = op in ("QuantizeLinear", "DequantizeLinear") and "Resize" in name
-            if op in ORT_HEAD_OPS or q:
-                head += e["dur"]
-    return head / runs / 1e3, total / runs / 1e3
+    for r in range(runs):
+        chunk = [(op, ms) for _, op, ms in kernels[r * per_run:(r + 1) * per_run]]
+        head += tail_after_last_conv(chunk)
+        total += sum(ms for _, ms in chunk)
+    return head / runs, total / runs
 
 
 def ov_compiled(path: Path, precision: str, profile: bool = False):
+    """Compiled as the OpenVINO backend compiles it (its ArgMax rewrite included)."""
     import openvino as ov
+
+    from dilseg.runtime.backends.openvino_backend import rewrite_argmax
 
     config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
               "INFERENCE_NUM_THREADS": os.cpu_count() or 1}
     if profile:
         config["PERF_COUNT"] = True
-    return ov.Core().compile_model(str(path), "CPU", config)
+    core = ov.Core()
+    model = core.read_model(str(path))
+    rewrite_argmax(model)
+    return core.compile_model(model, "CPU", config)
 
 
 def ov_head_ms(path: Path, precision: str, x: np.ndarray, runs: int) -> tuple[float, float]:
@@ -135,13 +149,9 @@ def ov_head_ms(path: Path, precision: str, x: np.ndarray, runs: int) -> tuple[fl
     head = total = 0.0
     for _ in range(runs):
         request.infer({0: x})
-        for info in request.profiling_info:
-            ms = info.real_time.total_seconds() * 1e3
-            total += ms
-            # Reorders after the scores convert the layout for the Interpolate / TopK.
-            tail = info.node_type == "Reorder" and any(k in info.node_name for k in ("Resize", "ArgMax", "TopK"))
-            if info.node_type in OV_HEAD_OPS or tail:
-                head += ms
+        kernels = [(info.node_type, info.real_time.total_seconds() * 1e3) for info in request.profiling_info]
+        head += tail_after_last_conv(kernels)
+        total += sum(ms for _, ms in kernels)
     return head / runs, total / runs
 
 
