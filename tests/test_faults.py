@@ -173,12 +173,21 @@ class Lines:
         return "".join(self.lines)
 
 
-def start(*args, stdout: Path) -> tuple[subprocess.Popen, Lines]:
-    """`dilseg ARGS` started: stdout into the file ``stdout``, stderr read line by line."""
-    with open(stdout, "w") as out:
+def during_run(tmp_path: Path, args, fault, timeout: float = 60) -> tuple[int, str, str]:
+    """Start `dilseg ARGS`, call ``fault(proc)`` a second after it started segmenting, and wait for
+    it to end: (exit status, stderr, stdout)."""
+    with open(tmp_path / "stdout", "w") as out:
         proc = subprocess.Popen([PY, "-m", "dilseg.runtime.cli", *map(str, args)], stdout=out,
                                 stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
-    return proc, Lines(proc)
+    err = Lines(proc)
+    try:
+        err.wait_for("dilseg run:")
+        time.sleep(1.0)
+        fault(proc)
+        proc.wait(timeout=timeout)
+    finally:
+        proc.kill()
+    return proc.returncode, err.text, (tmp_path / "stdout").read_text()
 
 
 # ---------------------------------------------------------------------------------- 1. decompression bombs
@@ -216,27 +225,30 @@ def test_a_huge_synthetic_source_is_refused_before_allocating(model):
     one_line_error(r, "test://30000x30000", "megapixels", "DILSEG_MAX_IMAGE_PIXELS")
 
 
-def test_png_bomb_upload_on_the_demo_page_is_refused_and_the_page_recovers(monkeypatch, model):
+def demo_page(monkeypatch, model: Path, source: str):
+    """The demo page through Streamlit's AppTest, on ``model``, with ``source`` chosen."""
     pytest.importorskip("streamlit")
-    import resource as res
-
     from streamlit.testing.v1 import AppTest
 
     import dilseg.demo.page as page
 
     monkeypatch.setenv("DILSEG_DEMO_MODEL", str(model))
     at = AppTest.from_file(str(Path(page.__file__).with_name("app.py")), default_timeout=60)
-    at.session_state["source"] = "image"
-    at.run()
-    before = res.getrusage(res.RUSAGE_SELF).ru_maxrss
-    data = png_bomb(Path(os.environ.get("TMPDIR", "/tmp")) / f"bomb-{os.getpid()}.png").read_bytes()
+    at.session_state["source"] = source
+    return at.run()
+
+
+def test_png_bomb_upload_on_the_demo_page_is_refused_and_the_page_recovers(monkeypatch, tmp_path, model):
+    at = demo_page(monkeypatch, model, "image")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    data = png_bomb(tmp_path / "bomb.png").read_bytes()
     at.file_uploader(key="image_upload").upload("bomb.png", data, "image/png")
     at.run()
     assert not at.exception
     shown = "\n".join(e.value for e in at.error)
     assert "bomb.png" in shown and "megapixels" in shown and "DILSEG_MAX_IMAGE_PIXELS" in shown, shown
     # The page process did not decode it (2.7 GB): its high-water mark grew by far less.
-    assert res.getrusage(res.RUSAGE_SELF).ru_maxrss - before < 500_000  # kB
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 500_000  # kB
     ok = cv2.imencode(".png", frames(1)[0])[1].tobytes()
     at.file_uploader(key="image_upload").set_value(("ok.png", ok, "image/png"))
     at.run()
@@ -244,16 +256,9 @@ def test_png_bomb_upload_on_the_demo_page_is_refused_and_the_page_recovers(monke
 
 
 def test_a_huge_synthetic_server_source_on_the_demo_page_is_refused(monkeypatch, model):
-    pytest.importorskip("streamlit")
-    from streamlit.testing.v1 import AppTest
-
-    import dilseg.demo.page as page
+    at = demo_page(monkeypatch, model, "server")
     from dilseg.demo import shared_camera
 
-    monkeypatch.setenv("DILSEG_DEMO_MODEL", str(model))
-    at = AppTest.from_file(str(Path(page.__file__).with_name("app.py")), default_timeout=60)
-    at.session_state["source"] = "server"
-    at.run()
     try:
         at.text_input(key="server_spec").input("test://30000x30000")
         at.button(key="server_start").click().run()
@@ -319,7 +324,7 @@ def test_one_full_sink_keeps_the_other_outputs_complete_and_says_so(tmp_path, sm
     assert f"kept labels:{tmp_path / 'labels'} ({labels} frames, complete)" in r.stderr, r.stderr
     assert f"kept {video} ({labels + 1} frames, complete)" in r.stderr, r.stderr
     assert decoded_frames(video) == labels + 1
-    assert f"viz" not in "".join(line for line in r.stderr.splitlines() if "kept" in line)
+    assert "viz" not in "".join(line for line in r.stderr.splitlines() if "kept" in line)
     overlays = list((disk / "viz").iterdir())
     assert all(cv2.imread(str(p)) is not None for p in overlays), "a half-written overlay image was left"
     assert f"the {len(overlays)} images written before it failed are complete" in r.stderr, r.stderr
@@ -391,19 +396,15 @@ def test_a_corrupt_video_upload_keeps_every_good_frame(tmp_path, write_video, mo
 
 def _restart_mid_run(server, spec: str, tmp_path: Path, frames_wanted: int) -> None:
     out = tmp_path / "live.mp4"
-    proc, err = start("run", "--source", spec, "--max-frames", frames_wanted, "--output", out, "--quiet",
-                      "--model", str(tmp_path / "tiny.onnx"), stdout=tmp_path / "stdout")
-    try:
-        err.wait_for("dilseg run:")
-        time.sleep(1.0)
+
+    def restart(_proc) -> None:
         server.kill()  # vanishes with its connections, as a crashed server does
         time.sleep(0.5)
         server.start()
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
-    text, stdout = err.text, (tmp_path / "stdout").read_text()
-    assert proc.returncode == 0, text
+
+    code, text, stdout = during_run(tmp_path, ["run", "--source", spec, "--max-frames", frames_wanted, "--output", out,
+                                               "--quiet", "--model", tmp_path / "tiny.onnx"], restart)
+    assert code == 0, text
     assert "reopened" in text, text
     assert f"out {frames_wanted}," in stdout and "reopens 0" not in stdout, stdout
     assert decoded_frames(out) == frames_wanted
@@ -426,34 +427,20 @@ def test_http_mjpeg_server_killed_and_restarted_mid_run(tmp_path, http_server):
 def test_a_lost_live_source_exits_3_with_its_frames_kept(tmp_path, http_server, model):
     server = http_server(tmp_path, fps=30, size=(160, 120))
     out = tmp_path / "lost.mp4"
-    proc, err = start("run", "--model", model, "--source", server.live_url, "--output", out, "--quiet",
-                      "--reopen-attempts", "2", stdout=tmp_path / "stdout")
-    try:
-        err.wait_for("dilseg run:")
-        time.sleep(1.0)
-        server.kill()
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
-    text = err.text
-    assert proc.returncode == 3, text
+    code, text, _ = during_run(tmp_path, ["run", "--model", model, "--source", server.live_url, "--output", out,
+                                          "--quiet", "--reopen-attempts", "2"], lambda _proc: server.kill())
+    assert code == 3, text
     assert "source lost" in text and "gave up" in text, text
     assert decoded_frames(out) > 0
 
 
 def test_several_sources_one_lost_exits_3_and_refuses_an_output_that_is_an_input(tmp_path, http_server, model):
     server = http_server(tmp_path, fps=30, size=(160, 120))
-    proc, err = start("run", "--model", model, "--source", server.live_url, "--source", "test://160x120?frames=30",
-                      "--quiet", "--reopen-attempts", "1", stdout=tmp_path / "stdout")
-    try:
-        err.wait_for("dilseg run:")
-        time.sleep(1.0)
-        server.kill()
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 3, err.text
-    assert "source lost: stream 0" in err.text
+    code, text, _ = during_run(tmp_path, ["run", "--model", model, "--source", server.live_url, "--source",
+                                          "test://160x120?frames=30", "--quiet", "--reopen-attempts", "1"],
+                               lambda _proc: server.kill())
+    assert code == 3, text
+    assert "source lost: stream 0" in text
     video = tmp_path / "in0.avi"
     writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 10, (160, 120))
     writer.write(frames(1)[0])
@@ -465,16 +452,9 @@ def test_several_sources_one_lost_exits_3_and_refuses_an_output_that_is_an_input
 
 def test_sigterm_exits_143_with_a_playable_video(tmp_path, model):
     out = tmp_path / "term.mp4"
-    proc, err = start("run", "--model", model, "--source", "test://160x120", "--output", out, "--quiet",
-                      stdout=tmp_path / "stdout")
-    try:
-        err.wait_for("dilseg run:")
-        time.sleep(1.0)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-    finally:
-        proc.kill()
-    assert proc.returncode == 143, err.text
+    code, text, _ = during_run(tmp_path, ["run", "--model", model, "--source", "test://160x120", "--output", out,
+                                          "--quiet"], lambda proc: proc.send_signal(signal.SIGTERM))
+    assert code == 143, text
     assert decoded_frames(out) > 0
 
 
