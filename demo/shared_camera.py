@@ -2,7 +2,9 @@
 
 A camera can be opened once only, and inference is the expensive part, so tabs never get
 their own: the page calls ``acquire(spec, segmenter)``, which returns the running worker for
-that source or opens the source and starts one. A worker is the runtime's Pipeline (the one
+that source or opens the source and starts one. Workers on one loaded backend share it through
+one Batcher (runtime/batching.py): the frames of several sources run in one inference when the
+model's batch axis is free, else one after another, at most one frame per source each time. A worker is the runtime's Pipeline (the one
 `dilseg run` uses) with a publishing sink: each result is drawn and JPEG-encoded once per
 distinct view that an open stream asks for, and the newest is handed to the MJPEG route.
 A viewer (a browser tab) holds at most one stream per worker: a new stream from it ends the
@@ -24,6 +26,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from dilseg.runtime.batching import Batcher, StreamSegmenter, frame_waiting
 from dilseg.runtime.errors import DilsegError
 from dilseg.runtime.metadata import ModelMeta
 from dilseg.runtime.pipeline import FrameResult, Pipeline
@@ -173,8 +176,9 @@ class CameraWorker:
         self.error: str | None = None
         self.source = source
         self.publisher = Publisher()
-        self.pipeline = Pipeline(source, segmenter, [self.publisher], view=None, handle_signals=False,
-                                 on_result=self._on_result)
+        self.pipeline = Pipeline(source, _stream_of(segmenter, spec), [self.publisher], view=None,
+                                 handle_signals=False, on_result=self._on_result)
+        self.pipeline.segmenter.waiting = lambda: frame_waiting(self.pipeline)
         self._stop = threading.Event()
         self._last_wanted = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=f"dilseg-camera-{self.id}", daemon=True)
@@ -204,7 +208,13 @@ class CameraWorker:
         return self.pipeline.segmenter
 
     def set_segmenter(self, segmenter: Segmenter) -> None:
-        self.pipeline.segmenter = segmenter  # the pipeline reads it once per frame
+        old = self.pipeline.segmenter
+        if old.backend is segmenter.backend:
+            return
+        new = _stream_of(segmenter, self.spec)
+        new.waiting = lambda: frame_waiting(self.pipeline)
+        self.pipeline.segmenter = new  # the pipeline reads it once per frame
+        old.close()  # its frame in flight still finishes
 
     # -- viewers ---------------------------------------------------------------------------
     def open_stream(self, viewer: str | None, settings: ViewSettings, wake: Callable[[], None]) -> Stream:
@@ -244,6 +254,7 @@ class CameraWorker:
             self.error = f"{self.spec}: {type(exc).__name__}: {exc}"
         finally:
             self._stop.set()
+            self.pipeline.segmenter.close()  # the shared batches stop waiting for this source
             try:
                 self.source.close()
             finally:
@@ -270,9 +281,25 @@ class CameraWorker:
 
 # -- the process-wide registry -------------------------------------------------------------
 _lock = threading.Lock()
+_batchers: dict[int, Batcher] = {}  # id(backend) -> the Batcher its workers share
+_batchers_lock = threading.Lock()  # its own: workers are made while _lock is held
 _workers: dict[str, CameraWorker] = {}
 _opened: dict[str, int] = {}  # how often each spec's source was opened (a test and a log read it)
 _last_error: dict[str, str] = {}  # why a spec's last worker ended, for the page to show
+
+
+def _stream_of(segmenter: Segmenter, spec: str) -> StreamSegmenter:
+    """A worker's way into the Batcher of ``segmenter``'s backend (made on first use)."""
+    backend = segmenter.backend
+    with _batchers_lock:
+        for key, batcher in list(_batchers.items()):
+            if not batcher.backend.is_loaded:  # a model the page let go of
+                batcher.close()
+                del _batchers[key]
+        batcher = _batchers.get(id(backend))
+        if batcher is None:
+            batcher = _batchers[id(backend)] = Batcher(backend)
+        return batcher.stream(redact(spec))
 
 
 def _open(spec: str):
@@ -357,3 +384,8 @@ def stop_all() -> None:
         worker.stop()
     for worker in workers:
         worker.join(5)
+    with _batchers_lock:
+        batchers = list(_batchers.values())
+        _batchers.clear()
+    for batcher in batchers:
+        batcher.close()

@@ -33,10 +33,11 @@ from typing import Callable
 import numpy as np
 
 from .backends.base import Backend, BackendError
-from .pipeline import StageTimes
+from .pipeline import Pipeline, StageTimes
 from .postprocess import postprocess
 from .preprocess import preprocess
 from .segmenter import Segmentation, Segmenter
+from .sources import LatestSlot
 
 log = logging.getLogger("dilseg.batching")
 
@@ -259,6 +260,12 @@ class Batcher:
             r.output, r.batch, r.size, r.started, r.infer_ms = output, number, len(batch), started, ms
             r.stream.answered(answered)
             r.done.set()
+
+
+def frame_waiting(pipeline: Pipeline) -> bool:
+    """Whether ``pipeline`` has a captured frame waiting for its inference thread."""
+    q = pipeline.frames_q
+    return q.waiting if isinstance(q, LatestSlot) else q.qsize() > 0
 
 
 class StreamSegmenter(Segmenter):

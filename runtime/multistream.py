@@ -26,11 +26,11 @@ import cv2
 import numpy as np
 
 from .backends.base import Backend
-from .batching import Batcher, BatchStats, StreamSegmenter
+from .batching import Batcher, BatchStats, frame_waiting
 from .errors import DilsegError
 from .pipeline import FrameResult, Pipeline, PipelineStats, stop_on_signals
 from .sinks import Sink
-from .sources import LatestSlot, Source
+from .sources import Source
 from .view import ViewSettings
 
 STREAM_KEY = "{i}"  # in an output name: the stream's number (out_{i}.mp4 -> out_0.mp4, out_1.mp4, ...)
@@ -272,11 +272,6 @@ class MultiStreamStats:
         return "\n".join(lines)
 
 
-def _frame_waiting(pipeline: Pipeline) -> bool:
-    q = pipeline.frames_q
-    return q.waiting if isinstance(q, LatestSlot) else q.qsize() > 0
-
-
 class MultiStream:
     """N sources -> one backend -> per-stream sinks (and a Mosaic). ``run()`` returns
     MultiStreamStats once every stream has ended (its source ended, was lost, or ``max_frames``
@@ -314,7 +309,7 @@ class MultiStream:
             callback = None if on_result is None else (lambda result, i=i: on_result(i, result))
             pipeline = Pipeline(source, segmenter, stream_sinks, view=view, max_frames=max_frames, warmup=warmup,
                                 queue_size=queue_size, on_result=callback, handle_signals=False)
-            segmenter.waiting = lambda p=pipeline: _frame_waiting(p)
+            segmenter.waiting = lambda p=pipeline: frame_waiting(p)
             self.pipelines.append(pipeline)
         if mosaic is not None:
             self.batcher.listeners.append(

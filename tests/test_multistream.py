@@ -238,3 +238,24 @@ def test_bench_with_several_sources_reports_streams_and_batched_inference(tmp_pa
     assert [s["frames_out"] for s in data["streams"]] == [10, 10, 10]
     assert data["raw"]["batch"] == 3 and data["raw"]["batch_ms_per_frame"] > 0
     assert data["backend_counts"]["largest_batch"] == 3
+
+
+def test_demo_server_cameras_on_one_model_share_one_backend_and_batch(batch_onnx):
+    from dilseg.demo import shared_camera
+
+    segmenter = Segmenter(open_backend(batch_onnx, threads=1))
+    specs = ["test://96x64?fps=20", "test://80x64?fps=20", "test://64x48?fps=20"]
+    try:
+        workers = [shared_camera.acquire(spec, segmenter) for spec in specs]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not all((w.latest() and w.latest().seq >= 10) for w in workers):
+            time.sleep(0.05)
+        assert all(w.latest() is not None and w.latest().seq >= 10 for w in workers), \
+            [w.stats() for w in workers]
+        assert len({id(w.segmenter.batcher) for w in workers}) == 1  # one Batcher on the one backend
+        counts = segmenter.backend.counts
+        assert counts.largest_batch >= 2 and counts.calls < counts.items  # frames of several sources per inference
+        assert shared_camera.acquire(specs[0], segmenter) is workers[0]  # the page asking again changes nothing
+    finally:
+        shared_camera.stop_all()
+        segmenter.close()
