@@ -330,6 +330,15 @@ def test_one_full_sink_keeps_the_other_outputs_complete_and_says_so(tmp_path, sm
     assert f"the {len(overlays)} images written before it failed are complete" in r.stderr, r.stderr
 
 
+def test_an_export_onto_a_full_disk_names_the_file_and_leaves_nothing(small_tmpfs):
+    from dilseg.runtime.defaults import default_model_path
+
+    disk = small_tmpfs("64k")  # the shipped model is 4 MB
+    r = dilseg("export", "onnx", "--from", default_model_path(), "--batch", "dynamic", "-o", disk / "batch.onnx")
+    one_line_error(r, str(disk / "batch.onnx"), "No space left")
+    assert list(disk.iterdir()) == []
+
+
 # ---------------------------------------------------------------------------------- 3. outputs that are inputs
 
 def test_an_output_that_is_the_input_video_is_refused_through_links(tmp_path, write_video, model):
