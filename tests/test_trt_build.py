@@ -7,6 +7,7 @@ the int8 flavour check, the clear error when TensorRT is missing, and the CLI.
 
 import io
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -178,6 +179,41 @@ def test_cpu_int8_refused(int8_onnx, tmp_path):
     assert asymmetric_qdq(int8_onnx["tensorrt"]) is None
     p = prepare(int8_onnx["tensorrt"], tmp_path / "m.engine", BuildOptions())
     assert p.info.meta.precision == "int8"
+
+
+# -- what the built engine may output -------------------------------------------------------------
+
+def engine_io_with(output_dtype: str) -> list[dict]:
+    """The sidecar's I/O list (build.engine_io's form) of an engine with this label output type."""
+    return [{"name": "input", "mode": "input", "dtype": "float", "shape": [1, 3, 64, 96]},
+            {"name": "labels", "mode": "output", "dtype": output_dtype, "shape": [1, 64, 96]}]
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int64", "float", "half", "bool"])
+def test_check_engine_io_refuses_labels_the_backend_cannot_read(trt_onnx, dtype):
+    from dilseg.runtime.artifact import read_onnx_meta
+    from dilseg.runtime.trt.build import check_engine_io
+
+    meta = read_onnx_meta(trt_onnx["fixed"])
+    with pytest.raises(BuildError, match=rf"the engine's output 'labels' is {dtype}, not int32/uint8 labels"):
+        check_engine_io(engine_io_with(dtype), meta)
+
+
+def test_check_engine_io_accepts_exactly_what_the_runner_opens(trt_onnx):
+    from dilseg.runtime.artifact import read_onnx_meta
+    from dilseg.runtime.trt import build, runner
+    from dilseg.runtime.trt.build import check_engine_io
+
+    meta = read_onnx_meta(trt_onnx["fixed"])
+    assert build.LABEL_DTYPES == ("int32", "uint8")
+    assert runner.LABEL_DTYPES is build.LABEL_DTYPES  # the runner's own check (_check_io) reads the same list
+    for dtype in build.LABEL_DTYPES:
+        check_engine_io(engine_io_with(dtype), meta)
+    # The GPU renderer has one colour kernel per label type, and no other.
+    from dilseg.runtime.trt.kernels import KERNELS
+
+    kernels = set(re.findall(r"__global__ void colorize_blend_(\w+)\(", KERNELS))
+    assert kernels == {"i32", "u8"} == {{"int32": "i32", "uint8": "u8"}[d] for d in build.LABEL_DTYPES}
 
 
 # -- progress bars -------------------------------------------------------------------------------

@@ -36,6 +36,9 @@ DEFAULT_DYNAMIC_PROFILE = ("1x3x256x320", "1x3x360x480", "1x3x720x1280")
 # one to eight frames per inference (several streams batched), tuned for four.
 DEFAULT_BATCH_PROFILE = (1, 4, 8)
 OUTPUT_STRIDE = 8  # the models' output stride: H and W must be multiples of it
+# Label maps the runner and its GPU renderer read (one colour kernel per type); the builder
+# refuses any other label output, so an engine it writes is one the backend opens.
+LABEL_DTYPES = ("int32", "uint8")
 
 
 class BuildError(DilsegError, ValueError):
@@ -535,6 +538,6 @@ def check_engine_io(io: list[dict], meta: ModelMeta) -> None:
     if len(ins) != 1 or not outs:
         raise BuildError(f"the engine has {len(ins)} input(s) and {len(outs)} output(s); expected one image in, labels out")
     out = outs[0]
-    if meta.output_kind == "labels" and out["dtype"] not in ("int32", "uint8", "int8"):
-        raise BuildError(f"the engine's output {out['name']!r} is {out['dtype']}, not int32/uint8 labels: the ONNX "
-                         "should cast ArgMax to int32 (re-export with `dilseg export onnx`)")
+    if meta.output_kind == "labels" and out["dtype"] not in LABEL_DTYPES:
+        raise BuildError(f"the engine's output {out['name']!r} is {out['dtype']}, not {'/'.join(LABEL_DTYPES)} labels: "
+                         "the ONNX should cast ArgMax to int32 (re-export with `dilseg export onnx`)")

@@ -25,7 +25,7 @@ import numpy as np
 
 from ..artifact import ENGINE_SUFFIXES, ONNX_SUFFIX, is_engine
 from ..backends.base import Backend, BackendError, BackendOptions, Capabilities, option_flag
-from .build import BuildOptions
+from .build import LABEL_DTYPES, BuildOptions
 from .cache import EngineError
 from .compat import detect
 from .cuda import CudaGraph, PrimaryContext, find_gpu
@@ -183,9 +183,10 @@ class TensorRTBackend(Backend):
         self.input_name, self.output_name = ins[0], outs[0]
         self.input_dtype = np.dtype(trt.nptype(e.get_tensor_dtype(self.input_name)))
         self.output_dtype = np.dtype(trt.nptype(e.get_tensor_dtype(self.output_name)))
-        if self.meta.output_kind == "labels" and self.output_dtype not in (np.dtype(np.int32), np.dtype(np.uint8)):
-            raise EngineError(f"{self.engine_path}: its output {self.output_name!r} is {self.output_dtype}, not int32 "
-                              "or uint8 labels as the metadata says; rebuild it from a current `dilseg export onnx`")
+        if self.meta.output_kind == "labels" and self.output_dtype.name not in LABEL_DTYPES:
+            raise EngineError(f"{self.engine_path}: its output {self.output_name!r} is {self.output_dtype}, not "
+                              f"{'/'.join(LABEL_DTYPES)} labels as the metadata says; rebuild it from a current "
+                              "`dilseg export onnx`")
         shape = tuple(int(d) for d in e.get_tensor_shape(self.input_name))
         self.dynamic = any(d < 0 for d in shape)
         self.profile = tuple(tuple(int(d) for d in s) for s in e.get_tensor_profile_shape(self.input_name, 0)) \
