@@ -182,6 +182,9 @@ def test_dynamic_graph_needs_a_size_or_dynamic_and_runs_at_any_size(segformer, w
     x = preprocess(frame, backend.meta)  # 360x480: the frame's own size
     want = torch_labels(segformer, frame, backend.meta)
     assert (backend.infer(x)[0] == want).mean() >= 0.999
+    from dilseg.runtime.trt.build import BuildOptions, prepare
+
+    assert prepare(out, work / "dyn.engine", BuildOptions()).default_profile  # 256x320 .. 720x1280 for TensorRT
     fixed = work / "dyn_fixed.onnx"
     assert run_cli(capsys, "import", src, "-o", fixed, "--classes", "camvid", "--size", "128x160")[0] == 0
     assert read_onnx_meta(fixed).input_size == (128, 160)
