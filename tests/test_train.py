@@ -282,3 +282,29 @@ def test_unusable_checkpoints_give_one_line_errors(tmp_path) -> None:
     r = train(tmp_path / "truncated", "--epochs", "2", "--resume")
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
     assert "not a readable checkpoint" in r.stderr
+
+
+def test_ohem_trains_on_the_hard_pixels_only() -> None:
+    import torch.nn.functional as F
+
+    from dilseg.export.losses import segmentation_loss
+
+    target = torch.tensor([[[0, 0, 1, 1, 11, 2]]])  # 1x1x6, one void pixel
+    logits = torch.full((1, 3, 1, 6), -4.0)
+    logits[0, 0, 0, :2] = 4.0  # confidently right: easy
+    logits[0, 0, 0, 2:4] = 1.0  # class 1 pixels predicted as 0: hard
+    logits[0, 2, 0, 5], logits[0, 0, 0, 5] = 0.5, 0.4  # class 2 barely ahead: p ~0.5 < 0.7, hard
+    weight = torch.tensor([1.0, 2.0, 3.0])
+    hard = torch.tensor([2, 3, 5])
+    per_pixel = F.cross_entropy(logits, target, weight=weight, ignore_index=11, reduction="none")[0, 0]
+    expected = per_pixel[hard].sum() / weight[target[0, 0, hard]].sum()
+    got = segmentation_loss(logits, target, weight, 11, ohem_p=0.7)
+    assert got == pytest.approx(float(expected), rel=1e-6)
+    plain = segmentation_loss(logits, target, weight, 11)
+    assert float(plain) < float(got)  # the easy pixels no longer dilute the mean
+    # With every pixel easy, the hardest 1/16 (at least one) still counts: never an empty mean.
+    easy = torch.full((1, 3, 1, 4), -4.0)
+    easy[0, 0] = 4.0
+    assert torch.isfinite(segmentation_loss(easy, torch.zeros(1, 1, 4, dtype=torch.long), None, 11, ohem_p=0.7))
+    smooth = segmentation_loss(logits, target, weight, 11, label_smoothing=0.1)
+    assert float(smooth) != pytest.approx(float(plain))
