@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
+from tqdm import tqdm
 
 from dilseg import __version__
 from dilseg.runtime.classes import ClassList
@@ -488,7 +489,7 @@ def adopt(src: str | Path, classes: ClassList, size: tuple[int, int] | None = No
     same = total = 0
     worst = 0.0 if output_kind == "logits" else None
     sizes = []
-    for x in tensors:
+    for x in tqdm(tensors, desc="verifying against the original", unit="frame", leave=False):
         ref_raw = _run_original(original, inp.name, x, source.name, in_type)[source.name]
         hw = tuple(x.shape[2:])
         found = classify(source.name, ref_raw, hw)
