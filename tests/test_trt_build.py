@@ -216,6 +216,31 @@ def test_check_engine_io_accepts_exactly_what_the_runner_opens(trt_onnx):
     assert kernels == {"i32", "u8"} == {{"int32": "i32", "uint8": "u8"}[d] for d in build.LABEL_DTYPES}
 
 
+# -- the timing cache: what set_timing_cache / get_timing_cache answered decides what is written ------
+
+def test_a_refused_timing_cache_is_left_as_it_is_with_a_warning(tmp_path):
+    from dilseg.runtime.trt.build import timing_cache_plan
+
+    path = tmp_path / "t.cache"
+    write_back, warning = timing_cache_plan(path, had_data=True, accepted=False, version="10.3.0",
+                                            reason="Magic tag does not match")
+    assert write_back is False
+    assert warning.startswith(f"--timing-cache {path}: TensorRT 10.3.0 did not accept it (Magic tag does not match)")
+    assert f"leaving {path} as it is" in warning and "another --timing-cache" in warning
+    write_back, warning = timing_cache_plan(path, had_data=False, accepted=False, version="11.4.0")
+    assert write_back is False and "refused a new timing cache" in warning and "is not written" in warning
+    for had_data in (False, True):  # accepted (new or loaded): the build's cache replaces the file
+        assert timing_cache_plan(path, had_data=had_data, accepted=True, version="10.3.0") == (True, None)
+
+
+def test_no_timing_cache_after_the_build_is_a_warning_not_an_attribute_error(tmp_path):
+    from dilseg.runtime.trt.build import serialized_timing_cache
+
+    data, problem = serialized_timing_cache(None, tmp_path / "t.cache")  # get_timing_cache() returned None
+    assert data == b"" and "TensorRT returned no timing cache after the build" in problem
+    assert f"{tmp_path / 't.cache'} is not written (the engine is)" in problem
+
+
 # -- progress bars -------------------------------------------------------------------------------
 
 def test_phase_bars_follow_nested_phases():

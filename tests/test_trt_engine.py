@@ -287,6 +287,22 @@ def test_cli_build_with_timing_cache(gpu, trt_onnx, tmp_path):
     assert r.returncode == 0, r.stderr
     assert "built" in r.stdout and " s: fp32 engine for " in r.stdout
     assert (tmp_path / "t.cache").stat().st_size > 0 and (tmp_path / "m.engine.json").is_file()
+    assert "timing-cache" not in r.stderr
+    # The cache just written is accepted by the next build (set_timing_cache answered True) and rewritten.
+    r = build_cli(trt_onnx["fixed"], tmp_path / "m2.engine", "--timing-cache", tmp_path / "t.cache")
+    assert r.returncode == 0 and "timing-cache" not in r.stderr, r.stderr
+    # A cache TensorRT refuses (here: not a timing cache at all) is reported and left as it was.
+    junk = tmp_path / "junk.cache"
+    junk.write_bytes(b"not a timing cache" * 64)
+    r = build_cli(trt_onnx["fixed"], tmp_path / "m3.engine", "--timing-cache", junk)
+    assert r.returncode == 0 and (tmp_path / "m3.engine").is_file(), r.stderr
+    assert f"warning: --timing-cache {junk}: TensorRT" in r.stderr and "did not accept it" in r.stderr
+    assert junk.read_bytes() == b"not a timing cache" * 64
+
+
+def build_cli(onnx, engine, *extra):
+    return subprocess.run([sys.executable, "-m", "dilseg.runtime.cli", "build", str(onnx), "-o", str(engine),
+                           "--no-progress", *map(str, extra)], capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.gpu

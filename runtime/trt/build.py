@@ -464,11 +464,9 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
     config.add_optimization_profile(profile)
 
     cache_path = Path(options.timing_cache) if options.timing_cache else None
-    with os_errors_as(BuildError, cache_path, "read the timing cache"):
-        cache_bytes = cache_path.read_bytes() if cache_path and cache_path.is_file() else b""
-    timing_cache = config.create_timing_cache(cache_bytes)
-    # ignore_mismatch=False: a cache from another TensorRT/GPU is not merged in (TensorRT warns and starts empty).
-    config.set_timing_cache(timing_cache, False)
+    # The attached cache must outlive the build (TensorRT does not own it): held here.
+    timing_cache, write_cache = attach_timing_cache(config, cache_path, logger, caps.version, log) \
+        if cache_path else (None, False)
 
     bars = PhaseBars(enabled=options.progress)
     # TensorRT does not own the monitor: it must outlive the build, so it is held here.
@@ -491,8 +489,13 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
     io = engine_io(trt, logger, engine_bytes, host_code=options.version_compatible and caps.engine_host_code_allowed,
                    dla_core=options.dla_core)
     check_engine_io(io, prepared.info.meta)
-    if cache_path:
-        atomic_write_bytes(cache_path, bytes(memoryview(config.get_timing_cache().serialize())))
+    if write_cache:
+        data, problem = serialized_timing_cache(config.get_timing_cache(), cache_path)
+        if problem:
+            log(f"warning: {problem}")
+        else:
+            atomic_write_bytes(cache_path, data)
+    del timing_cache  # held until here: the build that used it is over
     # The engine's metadata tells what it computes in (an fp32 ONNX built with --fp16 is an fp16 model).
     meta = replace(prepared.info.meta, precision=plan.engine_precision)
     sidecar = make_sidecar(
@@ -507,6 +510,53 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
                                                     "onnx_precision": prepared.info.meta.precision})
     write_engine(engine_path, engine_bytes, sidecar)
     return BuildResult(engine_path, sidecar, seconds, plan, notes)
+
+
+def timing_cache_plan(path: Path, had_data: bool, accepted: bool, version: str,
+                      reason: str = "") -> tuple[bool, str | None]:
+    """What a build does with ``--timing-cache PATH`` once TensorRT answered ``set_timing_cache``:
+    (write the build's cache back to PATH, warning to print). A cache TensorRT refuses (another
+    TensorRT version or GPU, or damaged) is left as it is: it is the user's file, and may serve
+    the TensorRT or GPU it came from."""
+    why = f" ({reason})" if reason else ""
+    if accepted:
+        return True, None
+    if had_data:
+        return False, (f"--timing-cache {path}: TensorRT {version} did not accept it{why}; it was made by another "
+                       f"TensorRT version or GPU, or is damaged. Building without it and leaving {path} as it is; "
+                       "give another --timing-cache path (or delete this one) to keep a cache for this GPU")
+    return False, (f"--timing-cache {path}: TensorRT {version} refused a new timing cache{why}; building without "
+                   f"one, and {path} is not written")
+
+
+def attach_timing_cache(config: Any, path: Path, logger: Any, version: str,
+                        log: Callable[[str], None]) -> tuple[Any, bool]:
+    """Give the build the timing cache kept at ``path`` (a new one if the file is missing).
+    Returns (the attached cache, which the caller keeps until the build ends, or None; whether the
+    build's cache is to be written back to ``path``)."""
+    with os_errors_as(BuildError, path, "read the timing cache"):
+        data = path.read_bytes() if path.is_file() else b""
+    cache, accepted, seen = None, False, len(logger.errors)
+    try:
+        cache = config.create_timing_cache(data)
+        # ignore_mismatch=False: a cache from another TensorRT or GPU is refused, not merged in.
+        accepted = cache is not None and bool(config.set_timing_cache(cache, False))
+    except (RuntimeError, TypeError, ValueError):  # pybind11's translations of TensorRT's refusals
+        pass
+    write_back, warning = timing_cache_plan(path, bool(data), accepted, version, " | ".join(logger.errors[seen:][:2]))
+    if warning:
+        log(f"warning: {warning}")
+    return cache, write_back
+
+
+def serialized_timing_cache(cache: Any, path: Path) -> tuple[bytes, str | None]:
+    """The bytes of the build's timing cache (``config.get_timing_cache()``, None when TensorRT
+    kept none), or a warning saying why ``path`` is not written."""
+    memory = cache.serialize() if cache is not None else None
+    if memory is None:
+        return b"", (f"--timing-cache {path}: TensorRT returned no timing cache after the build, so {path} is not "
+                     "written (the engine is)")
+    return bytes(memoryview(memory)), None
 
 
 def engine_io(trt, logger, engine_bytes: bytes, host_code: bool = False, dla_core: int | None = None) -> list[dict]:
