@@ -8,6 +8,7 @@ interleaved frame by frame.
     python scripts/bench_triton.py                                   # starts tritonserver itself
     python scripts/bench_triton.py --streams 1,4 --seconds 10 --rounds 1
     python scripts/bench_triton.py --url triton://127.0.0.1:8001/edge_m   # a server already running
+    nice -n -10 python scripts/bench_triton.py --hop-only         # the hop alone, ahead of other work
 
 Every contender runs the same ONNX on ONNX Runtime (default: the shipped fp32 model, whose batch
 axis can be freed; its int8 `cpu` variant cannot batch): (a) and (b) get `--backend onnxruntime`
@@ -20,6 +21,7 @@ tests/servers.py starts it). Other options are bench_streams.py's. Prints tables
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -118,6 +120,7 @@ def main() -> None:
     ap.add_argument("--hop-frames", type=int, default=200, help="frames per contender for the hop (default 200)")
     ap.add_argument("--model", default="", help="the .onnx every contender runs (default: see above)")
     ap.add_argument("--streams", default="1,2,4,8")
+    ap.add_argument("--hop-only", action="store_true", help="only the network hop at N=1, no stream rows")
     mine, rest = ap.parse_known_args()
     if "-h" in rest or "--help" in rest:
         ap.print_help()
@@ -141,15 +144,18 @@ def main() -> None:
             SERVED["url"] = f"triton://{server.grpc_url}/{read_meta(model).model}"
         print(f"model {model} on ONNX Runtime in every contender; Triton: {SERVED['url']} (Python backend, dynamic "
               "batching)", file=sys.stderr)
-        sys.argv = [sys.argv[0], "--model", str(model), "--streams", mine.streams, *rest, "--backend", "onnxruntime"]
-        streams.main()
+        if not mine.hop_only:
+            sys.argv = [sys.argv[0], "--model", str(model), "--streams", mine.streams, *rest, "--backend",
+                        "onnxruntime"]
+            streams.main()
         print(f"... network hop, {mine.hop_frames} frames each", file=sys.stderr, flush=True)
         hop = hop_cost(str(model), SERVED["url"], mine.hop_frames)
     finally:
         if server is not None:
             server.stop()
         tmp.cleanup()
-    print(f"\nthe network hop at N=1 ({streams.machine()}; {model.name}; every frame segmented by each "
+    load = "load average {:.1f} {:.1f} {:.1f}, nice {}".format(*os.getloadavg(), os.nice(0))
+    print(f"\nthe network hop at N=1 ({streams.machine()}, {load}; {model.name}; every frame segmented by each "
           f"contender in turn, {mine.hop_frames} frames each)\n")
     print(f"{'per frame: preprocess + infer + postprocess':<44}{'p50 ms':>9}{'p95 ms':>9}{'hop (p50) ms':>14}")
     for name, h in hop.items():

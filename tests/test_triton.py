@@ -97,7 +97,7 @@ def test_served_onnx_has_a_free_batch_axis_and_batches_real_frames_as_single_run
     meta = read_meta(MODEL)
     batch = np.concatenate([preprocess(f, meta) for f in val_frames(3)])
     together = served.run(None, {"input": batch})[0]
-    with open_backend(MODEL) as alone:
+    with open_backend(MODEL, "onnxruntime") as alone:
         for i in range(3):
             assert (together[i] == alone.infer(batch[i:i + 1])[0]).mean() >= 0.999
 
@@ -246,7 +246,7 @@ def url(server: TritonServer, model: str = NAME, http: bool = False) -> str:
 @pytest.mark.parametrize("how", ["grpc", "http", "grpc+shm", "http+shm"])
 def test_labels_equal_in_process_onnxruntime_on_camvid_frames(server, how):
     frames = val_frames(3)
-    with open_backend(MODEL) as local, open_backend(url(server, http=how.startswith("http")),
+    with open_backend(MODEL, "onnxruntime") as local, open_backend(url(server, http=how.startswith("http")),
                                                     shared_memory=how.endswith("shm")) as remote:
         assert remote.name == "triton" and remote.meta.classes == local.meta.classes
         assert remote.capabilities.frame_input  # the Python-backend model takes frames
@@ -264,7 +264,7 @@ def test_labels_equal_in_process_onnxruntime_on_camvid_frames(server, how):
 def test_dynamic_batching_gathers_concurrent_streams(server):
     streams, rounds = 4, 5
     frames = val_frames(streams)
-    with open_backend(MODEL) as local:
+    with open_backend(MODEL, "onnxruntime") as local:
         want = [Segmenter(local).process(f).labels for f in frames]
     backends = [open_backend(url(server)) for _ in range(streams)]
     before = backends[0].statistics()
@@ -364,11 +364,13 @@ def test_a_stuck_server_times_out(server):
     backend.close()
 
 
-def test_a_server_killed_and_restarted_mid_run_loses_no_frame(server, tmp_path):
+@pytest.mark.parametrize("how", ["grpc", "http+shm"])
+def test_a_server_killed_and_restarted_mid_run_loses_no_frame(server, tmp_path, how):
     frames = 40
     labels = tmp_path / "labels"
-    cmd = [sys.executable, "-m", "dilseg.runtime.cli", "run", "--model", url(server), "--reconnect", "60",
-           "--source", f"test://480x360?frames={frames}&live=0", "--labels", str(labels), "--quiet"]
+    cmd = [sys.executable, "-m", "dilseg.runtime.cli", "run", "--model", url(server, http=how.startswith("http")),
+           "--reconnect", "60", "--source", f"test://480x360?frames={frames}&live=0", "--labels", str(labels),
+           "--quiet"] + (["--shared-memory"] if how.endswith("shm") else [])
     run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
@@ -399,7 +401,7 @@ def test_demo_page_segments_through_triton(server, monkeypatch, downloads):
     at.file_uploader(key="image_upload").upload(street.name, street.read_bytes(), "image/png").run()
     assert not at.exception and not demo.messages(at)
     labels = demo.decode(downloads(demo.buttons(at)["Label PNG (class ids)"]))
-    with open_backend(MODEL) as local:
+    with open_backend(MODEL, "onnxruntime") as local:
         np.testing.assert_array_equal(labels, Segmenter(local)(cv2.imread(str(street))).labels)
     # A URL typed into the sidebar that names no model is said on the page, which stays usable.
     at.sidebar.radio(key="model_kind").set_value("triton").run()

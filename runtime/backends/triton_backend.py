@@ -191,7 +191,13 @@ class _SharedMemory:
         return handle
 
     def register_all(self, client) -> None:
+        """After a reconnect: a restarted server has forgotten the regions, one that only dropped
+        the connection still knows them; either way they end up registered once."""
         for role, (_, size) in self.regions.items():
+            try:
+                client.unregister_system_shared_memory(self.name(role))
+            except Exception:  # not registered (a restarted server): nothing to undo
+                pass
             client.register_system_shared_memory(self.name(role), f"/{self.name(role)}", size)
 
     def _drop(self, client, role: str) -> None:
@@ -220,7 +226,7 @@ def _reason(exc: BaseException) -> str:
 # Errors that mean the server (or the model on it) went away, as a restart looks from the client.
 _GONE = ("unavailable", "failed to connect", "connection refused", "connection reset", "socket closed",
          "broken pipe", "unknown model", "not ready", "no available versions", "is not found", "server is stopping",
-         "exiting", "unloading", "endpoint", "eof", "remotedisconnected", "connection aborted")
+         "exiting", "unloading", "endpoint", "eof", "remotedisconnected", "connection aborted", "connection closed")
 
 
 def _classify(exc: BaseException) -> str:
@@ -377,7 +383,7 @@ class TritonBackend(Backend):
                 return
             except TritonMismatch:
                 raise
-            except (TritonError, OSError) as exc:
+            except Exception as exc:  # not back yet: tritonclient, grpc and socket errors alike
                 last = exc
             if time.monotonic() - t0 > wait:
                 raise TritonUnavailable(f"{self.url}: lost the server and it did not come back within {wait:g} s "
