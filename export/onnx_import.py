@@ -484,8 +484,20 @@ def adopt(src: str | Path, classes: ClassList, size: tuple[int, int] | None = No
         raise ModelImportError(f"{path}: the adopted graph fails onnx.checker ({str(exc).splitlines()[0][:200]}); "
                                "nothing was written") from None
 
-    cand = _session(adopted)
-    cand_in = cand.get_inputs()[0].name
+    agreement, worst, sizes = compare(original, _session(adopted), tensors, source, classes, output_kind, path)
+    if agreement < min_agreement:
+        raise ModelImportError(f"{path}: the adopted graph's labels agree with the original's argmax on only "
+                               f"{agreement:.3f}% of pixels (< {min_agreement}%) over {len(tensors)} frames; "
+                               "nothing was written")
+    return Adopted(adopted, meta, source, agreement, worst, len(tensors), sizes, synthetic)
+
+
+def compare(original, cand, tensors: list[np.ndarray], source: OutputKind, classes: ClassList, output_kind: str,
+            path: Path) -> tuple[float, float | None, list[tuple[int, int]]]:
+    """Run the original and the adopted graph on the same inputs: % of pixels whose labels agree
+    with the original's argmax at the input size, max |logit diff| (logits adoptions), sizes seen."""
+    inp, cand_in = original.get_inputs()[0], cand.get_inputs()[0].name
+    in_type = np.float16 if inp.type == "tensor(float16)" else np.float32
     same = total = 0
     worst = 0.0 if output_kind == "logits" else None
     sizes = []
@@ -509,12 +521,7 @@ def adopt(src: str | Path, classes: ClassList, size: tuple[int, int] | None = No
         same += int(np.count_nonzero(got == ref_labels))
         total += got.size
         sizes.append(hw)
-    agreement = 100.0 * same / max(total, 1)
-    if agreement < min_agreement:
-        raise ModelImportError(f"{path}: the adopted graph's labels agree with the original's argmax on only "
-                               f"{agreement:.3f}% of pixels (< {min_agreement}%) over {len(tensors)} frames; "
-                               "nothing was written")
-    return Adopted(adopted, meta, source, agreement, worst, len(tensors), sizes, synthetic)
+    return 100.0 * same / max(total, 1), worst, sizes
 
 
 def write_adopted(adopted: Adopted, output: str | Path) -> None:
