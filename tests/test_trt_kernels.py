@@ -91,13 +91,14 @@ def cuda():
             pytest.skip("no CUDA device")
     except Exception as exc:  # no driver
         pytest.skip(f"no usable CUDA driver: {exc}")
-    ctx = cuda.Device(0).retain_primary_context()
-    ctx.push()
+    from dilseg.runtime.trt.cuda import PrimaryContext
+
+    ctx = PrimaryContext(cuda, 0)  # pop-then-detach would leave the released context current
     try:
-        yield cuda
+        with ctx.active():
+            yield cuda
     finally:
-        cuda.Context.pop()
-        ctx.detach()
+        ctx.release()
 
 
 @pytest.mark.gpu

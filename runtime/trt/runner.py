@@ -359,35 +359,36 @@ class TensorRTBackend(Backend):
     # -- teardown ----------------------------------------------------------------------------
 
     def close_impl(self) -> None:
-        """Free buffers, kernels and TensorRT objects while the context is current, then release it."""
-        if self._ctx is None:
-            return
-        with self._lock:
-            self._ctx.push()
+        """Free buffers, kernels and TensorRT objects while the context is current, then release it
+        (from whichever thread closes: ``PrimaryContext.release``)."""
+        with self._lock:  # also keeps a close() in one thread from freeing what an infer() in another uses
+            if self._ctx is None:
+                return
             try:
-                if self._stream is not None:
-                    self._stream.synchronize()
-                for b in self._buffers.values():
-                    b.free()
-                self._buffers.clear()
-                if self._pre is not None or self._render is not None:
-                    from .kernels import release_kernels
+                with self._ctx.active():
+                    if self._stream is not None:
+                        self._stream.synchronize()
+                    for b in self._buffers.values():
+                        b.free()
+                    self._buffers.clear()
+                    if self._pre is not None or self._render is not None:
+                        from .kernels import release_kernels
 
-                    release_kernels()
-                for obj in (self._render, self._pre, self._gpu_frame):
-                    if obj is not None:
-                        obj.free()
-                self._render = self._pre = self._gpu_frame = None
-                # TensorRT objects go before the context: context, then engine, then runtime.
-                self._context = None
-                self._engine = None
-                self._runtime = None
-                self._events = []
-                self._stream = None
+                        release_kernels()
+                    for obj in (self._render, self._pre, self._gpu_frame):
+                        if obj is not None:
+                            obj.free()
+                    self._render = self._pre = self._gpu_frame = None
+                    # TensorRT objects go before the context: context, then engine, then runtime.
+                    self._context = None
+                    self._engine = None
+                    self._runtime = None
+                    self._events = []
+                    self._stream = None
             finally:
-                self._ctx.release()
-                self._ctx = None
+                ctx, self._ctx = self._ctx, None
                 self._current_shape = None
+                ctx.release()
 
     def __del__(self) -> None:  # a forgotten close() must not leave the primary context retained
         try:
