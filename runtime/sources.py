@@ -890,7 +890,8 @@ def open_source(spec: str | int, **opts) -> Source:
 
             why = why_not_open(text, timeout=min(3.0, timeout / 1000))
             if why is None:
-                why = "the server answers, but OpenCV cannot read a video stream from it (codec or transport)"
+                return (f"{text}: cannot open the stream within {timeout / 1000:.0f}s; check the URL, the network "
+                        "and credentials (try it with `ffplay URL`)")
             return f"{text}: cannot open the stream: {why}; check the URL (try it with `ffplay URL`)"
 
         no_frame = (f"{text}: connected, but no frame could be read from it (none arrived within "

@@ -68,15 +68,16 @@ def _rtsp(url: str, host: str, port: int, timeout: float) -> str | None:
         return f"{host}:{port} is not an RTSP server (it answered {status[:60]!r})" if status else \
             f"{host}:{port} closed the connection without an RTSP answer"
     if parts[1] == "200":
-        return None
-    return f"the RTSP server answered {' '.join(parts[1:])}" + \
-        (" (no stream at this path)" if parts[1] == "404" else " (credentials needed: rtsp://USER:PASS@...)"
-         if parts[1] == "401" else "")
+        return "the RTSP server has this stream, but OpenCV could not read it (codec or transport)"
+    hint = {"404": " (no stream at this path)",
+            "401": " (check the user and password in the URL)" if urlsplit(url).username else
+            " (credentials needed: rtsp://USER:PASS@HOST/...)"}.get(parts[1], "")
+    return f"the RTSP server answered {' '.join(parts[1:])}{hint}"
 
 
 def why_not_open(url: str, timeout: float = 3.0) -> str | None:
-    """A short reason the stream at ``url`` cannot be opened, or None when the server seems to
-    serve it (the failure is then in decoding, not in reaching it)."""
+    """A short reason the stream at ``url`` cannot be opened, or None when one request cannot tell
+    (UDP, which nothing answers; a TCP port that accepts)."""
     parts = urlsplit(url)
     scheme = parts.scheme.lower()
     try:
