@@ -4,8 +4,8 @@ It serves a dilseg ONNX (``model.onnx`` in the version folder) with dilseg's own
 and ONNX Runtime, for CPU servers and for clients that send plain frames: each request carries
 BGR uint8 frames (N x H x W x 3, any size), each frame is resized and normalised exactly as
 dilseg does in-process (``dilseg.runtime.preprocess``), the frames of every request the
-dynamic batcher gathered run as one ONNX Runtime call, and int32 labels at the model's
-resolution go back (a logits model is reduced to labels here, so only labels cross the
+dynamic batcher gathered run as one ONNX Runtime call, and labels at the model's resolution go
+back (uint8 where the classes fit, else int32, as config.pbtxt says) (a logits model is reduced to labels here, so only labels cross the
 network). The server's Python needs dilseg's runtime: ``pip install dilseg`` (no torch).
 
 A bad request (wrong dtype or shape) gets its own error response; it never fails the others
@@ -48,6 +48,7 @@ class TritonPythonModel:
         served = [o["name"] for o in config.get("output", [])]
         if served != [OUTPUT]:
             raise pb_utils.TritonModelException(f"config.pbtxt must declare one output {OUTPUT!r}, not {served}")
+        self.label_dtype = np.uint8 if config["output"][0]["data_type"] == "TYPE_UINT8" else np.int32
 
     def _frames(self, request) -> np.ndarray:
         tensor = pb_utils.get_input_tensor_by_name(request, INPUT)
@@ -68,7 +69,7 @@ class TritonPythonModel:
             out = np.concatenate([self.session.run(None, {self.input_name: t[None]})[0] for t in batch])
         if self.meta.output_kind == "logits":
             out = out.argmax(axis=1)
-        return out.astype(np.int32, copy=False)
+        return out.astype(self.label_dtype, copy=False)
 
     def execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)

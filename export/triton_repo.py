@@ -67,7 +67,9 @@ class RepoOptions:
     version: int = 1
     max_batch_size: int = 8  # 0: no batching (the graph's batch axis stays as it is)
     preferred_batch_sizes: tuple[int, ...] | None = None  # default: powers of two from 2 up to max_batch_size
-    queue_delay_us: int = 2000  # how long a request may wait for others to join its batch
+    # How long a request waits for others when the model is idle. Requests that arrive while it is
+    # busy queue and run together anyway, so a short wait batches streams without taxing one alone.
+    queue_delay_us: int = 100
     instances: int = 1
     kind: str | None = None  # "cpu" or "gpu"; default: cpu for python, gpu otherwise
     threads: int = 0  # ONNX Runtime intra-op threads (python, onnxruntime_onnx); 0: the backend's default
@@ -335,7 +337,9 @@ def export_triton(artifact: str | Path, repo: str | Path, options: RepoOptions =
             height_width = tuple(meta.input_size) if meta.input_size else (-1, -1)
             batch = (-1,) if options.max_batch_size > 0 else ()
             ins = [Tensor(FRAME_INPUT, "TYPE_UINT8", (*batch, -1, -1, 3))]
-            outs = [Tensor(LABELS_OUTPUT, "TYPE_INT32", (*batch, *height_width))]
+            # uint8 labels where the classes fit: a quarter of the bytes back over the wire.
+            outs = [Tensor(LABELS_OUTPUT, "TYPE_UINT8" if meta.num_classes <= 256 else "TYPE_INT32",
+                           (*batch, *height_width))]
             served_meta = replace(meta, output_kind="labels")  # the model reduces logits to labels
         elif options.platform == "onnxruntime_onnx":
             files[f"{version}/model.onnx"] = onnx_bytes

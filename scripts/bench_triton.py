@@ -86,16 +86,32 @@ def hop_cost(model: str, url: str, frames: int) -> dict:
     for seg in contenders.values():  # warm-up
         for pic in pics[:3]:
             seg.process(pic)
+    before = contenders["Triton gRPC"].backend.statistics()
     for i in range(frames):  # every contender sees the same load
         for name, seg in contenders.items():
             t0 = time.perf_counter()
             seg.process(pics[i % len(pics)])
             times[name].append((time.perf_counter() - t0) * 1e3)
+    after = contenders["Triton gRPC"].backend.statistics()
     for seg in contenders.values():
         seg.close()
     base = float(np.median(times["in-process ONNX Runtime"]))
-    return {name: {"p50_ms": float(np.median(t)), "p95_ms": float(np.percentile(t, 95)),
-                   "hop_ms": float(np.median(t)) - base} for name, t in times.items()}
+    out = {name: {"p50_ms": float(np.median(t)), "p95_ms": float(np.percentile(t, 95)),
+                  "hop_ms": float(np.median(t)) - base} for name, t in times.items()}
+    return out, server_side(before, after)
+
+
+def server_side(before: dict, after: dict) -> dict:
+    """Mean milliseconds per request the server spent, from its statistics: queued, and in the
+    model (inputs in, model.py's normalisation and ONNX Runtime, outputs out)."""
+    def total(stats: dict, key: str) -> tuple[int, int]:
+        entry = stats.get("inference_stats", {}).get(key, {})
+        return int(entry.get("count", 0)), int(entry.get("ns", 0))
+
+    n = total(after, "success")[0] - total(before, "success")[0]
+    spent = {k: (total(after, k)[1] - total(before, k)[1]) / 1e6 / max(n, 1)
+             for k in ("queue", "compute_input", "compute_infer", "compute_output")}
+    return {"requests": n, **spent}
 
 
 def start_server(model: Path, repo: Path, max_batch: int):
@@ -149,7 +165,7 @@ def main() -> None:
                         "onnxruntime"]
             streams.main()
         print(f"... network hop, {mine.hop_frames} frames each", file=sys.stderr, flush=True)
-        hop = hop_cost(str(model), SERVED["url"], mine.hop_frames)
+        hop, server_ms = hop_cost(str(model), SERVED["url"], mine.hop_frames)
     finally:
         if server is not None:
             server.stop()
@@ -160,6 +176,9 @@ def main() -> None:
     print(f"{'per frame: preprocess + infer + postprocess':<44}{'p50 ms':>9}{'p95 ms':>9}{'hop (p50) ms':>14}")
     for name, h in hop.items():
         print(f"{name:<44}{h['p50_ms']:>9.2f}{h['p95_ms']:>9.2f}{h['hop_ms']:>14.2f}")
+    print(f"\nthe server, mean per request over {server_ms['requests']}: queued {server_ms['queue']:.2f} ms, inputs in "
+          f"{server_ms['compute_input']:.2f} ms, model.py (normalise + ONNX Runtime) {server_ms['compute_infer']:.2f} ms, "
+          f"outputs out {server_ms['compute_output']:.2f} ms")
 
 
 if __name__ == "__main__":
