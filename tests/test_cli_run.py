@@ -210,7 +210,7 @@ def test_bench_lists_backend_reported_stages(small_onnx) -> None:
     assert stages["execute"]["mean"] <= total["mean"] and stages["execute"]["n"] == 20
 
 
-@pytest.mark.parametrize("command", ["run", "info", "bench", "export onnx", "train", "eval", "verify", "build", "demo"])
+@pytest.mark.parametrize("command", ["run", "info", "bench", "export onnx", "export triton", "train", "eval", "verify", "build", "demo"])
 def test_help_teaches_with_examples(command: str, capsys) -> None:
     with pytest.raises(SystemExit):
         main([*command.split(), "--help"])
