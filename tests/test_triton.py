@@ -372,6 +372,31 @@ def test_a_stuck_server_times_out(server):
     backend.close()
 
 
+def test_closing_the_backend_ends_a_wait_for_a_lost_server(server):
+    from dilseg.runtime.triton_url import parse_triton_url
+
+    backend = open_backend(url(server), reconnect=60)
+    backend.url = parse_triton_url(f"triton://127.0.0.1:{free_port()}/{NAME}")  # the server is gone from there
+    backend._drop_clients()
+    failure: list[BaseException] = []
+
+    def infer() -> None:
+        try:
+            backend.infer_frame(np.zeros((360, 480, 3), np.uint8))
+        except BaseException as exc:  # noqa: BLE001 - what the inference thread gets
+            failure.append(exc)
+
+    waiting = threading.Thread(target=infer)
+    waiting.start()
+    time.sleep(1.0)
+    assert waiting.is_alive()  # reconnecting, as it would for up to 60 s
+    t0 = time.monotonic()
+    backend.close()  # what a stopped run does
+    waiting.join(5)
+    assert not waiting.is_alive() and time.monotonic() - t0 < 3
+    assert isinstance(failure[0], TritonUnavailable) and "closed while waiting" in str(failure[0])
+
+
 @pytest.mark.parametrize("how", ["grpc", "http+shm"])
 def test_a_server_killed_and_restarted_mid_run_loses_no_frame(server, tmp_path, how):
     frames = 40

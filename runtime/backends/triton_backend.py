@@ -260,6 +260,7 @@ class TritonBackend(Backend):
         self._local = threading.local()  # the HTTP client is not thread-safe: one per thread
         self._grpc_client = None
         self._lock = threading.Lock()
+        self._closing = threading.Event()  # set by close(): a reconnect waiting in another thread gives up
 
     def __str__(self) -> str:
         return str(self.url)
@@ -351,6 +352,7 @@ class TritonBackend(Backend):
         except ImportError as exc:
             raise TritonError(f"the Triton client needs tritonclient ({exc}); pip install 'dilseg[triton]'") from None
         self._module = module
+        self._closing.clear()
         if self.options.shared_memory and not self.url.local:
             raise TritonError(f"{self.url}: --shared-memory needs the server on this machine (127.0.0.1 or "
                               f"localhost), not {self.url.host}")
@@ -388,7 +390,8 @@ class TritonBackend(Backend):
             if time.monotonic() - t0 > wait:
                 raise TritonUnavailable(f"{self.url}: lost the server and it did not come back within {wait:g} s "
                                         f"(last: {_reason(last)})") from None
-            time.sleep(delay)
+            if self._closing.wait(delay):
+                raise TritonUnavailable(f"{self.url}: closed while waiting for the lost server") from None
             delay = min(delay * 2, 1.0)
 
     # -- inference -----------------------------------------------------------------------------
@@ -520,6 +523,7 @@ class TritonBackend(Backend):
         return (stats.get("model_stats") or [{}])[0]
 
     def close_impl(self) -> None:
+        self._closing.set()
         if self._shared is not None:
             try:
                 client = self._client() if self._module is not None else None
