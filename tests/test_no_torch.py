@@ -107,7 +107,8 @@ rc |= main(["bench", "--frames", "3", "--warmup", "1", "--quiet"])
 print("RC", rc, "TORCH", "torch" in sys.modules)
 """, cwd=tmp_path)
     assert "RC 0 TORCH False" in r.stdout, r.stdout + r.stderr
-    assert "edge_m_camvid.onnx" in r.stdout
+    # auto may run a variant of the shipped model (edge_m_camvid.int8cpu.onnx) where it is faster here.
+    assert "edge_m_camvid" in r.stdout
     masks = sorted((tmp_path / "masks").glob("*.png"))
     assert len(masks) == 3
     import cv2
