@@ -92,15 +92,22 @@ class BatchStats:
 
 
 class Batcher:
-    """Runs the frames that several streams hand over as batches on one backend, in one thread.
+    """Runs the frames that several streams hand over as batches on one backend.
 
+    ``instances`` batches run at once (threads calling the one loaded backend, as Triton's
+    instance_group count): on a CPU, two single-threaded inferences keep two cores busier than
+    one two-threaded one, since each waits on its own memory traffic. The streams are then
+    shared out: a batch holds at most a 1/``instances`` share of them.
     ``max_batch`` caps the batch (default: what the backend takes, else the number of streams);
     ``max_wait_ms`` bounds how long the first frame of a batch waits for the others (default:
     twice the time a stream takes to offer its next ready frame, 5 to 50 ms). ``close()``
-    stops the thread (it does not close the backend, which the caller owns).
+    stops the threads (it does not close the backend, which the caller owns).
     """
 
-    def __init__(self, backend: Backend, max_batch: int | None = None, max_wait_ms: float | None = None) -> None:
+    def __init__(self, backend: Backend, max_batch: int | None = None, max_wait_ms: float | None = None,
+                 instances: int = 1) -> None:
+        if instances < 1:
+            raise BackendError(f"--instances {instances}: must be 1 or more")
         lo, hi = backend.batch_range()
         if max_batch is not None:
             if max_batch < 1:
@@ -122,8 +129,14 @@ class Batcher:
         self._pending: list[_Request] = []
         self._streams: list[StreamSegmenter] = []
         self._closed = False
-        self._thread = threading.Thread(target=self._loop, name="dilseg-batcher", daemon=True)
-        self._thread.start()
+        self._inflight: set[int] = set()  # streams whose frame is in a batch now
+        self._numbered = 0  # batches handed out (numbered in the order they start)
+        self._stats_lock = threading.Lock()
+        self.instances = instances
+        self._threads = [threading.Thread(target=self._loop, name=f"dilseg-batcher-{k}", daemon=True)
+                         for k in range(instances)]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def batching(self) -> bool:
@@ -131,11 +144,13 @@ class Batcher:
         return self.limit is None or self.limit > 1
 
     def describe(self) -> str:
+        at_once = f", {self.instances} at once" if self.instances > 1 else ""
         if not self.batching:
-            return "one frame per inference (the artifact's batch is fixed at 1)"
+            return f"one frame per inference (the artifact's batch is fixed at 1){at_once}"
         if self.min_batch > 1:
-            return f"batches of exactly {self.min_batch} (the artifact's fixed batch; short ones padded)"
-        return f"batches of up to {self.limit if self.limit is not None else 'one frame per stream'}"
+            return f"batches of exactly {self.min_batch} (the artifact's fixed batch; short ones padded){at_once}"
+        share = "one frame per stream" if self.instances == 1 else f"a 1/{self.instances} share of the streams"
+        return f"batches of up to {self.limit if self.limit is not None else share}{at_once}"
 
     # -- streams -----------------------------------------------------------------------------
 
@@ -174,7 +189,8 @@ class Batcher:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout=10)
+        for thread in self._threads:
+            thread.join(timeout=10)
         for request in self._pending:  # nobody will run them now
             request.error = BackendError("the batcher was closed before this frame ran")
             request.done.set()
@@ -191,15 +207,21 @@ class Batcher:
         """Whether a stream that has not offered a frame yet is about to (called under the lock)."""
         if len(self._pending) >= limit:
             return False
-        offered = {id(r.stream) for r in self._pending}
-        return any(id(s) not in offered and s.expected() for s in self._streams)
+        return any(s.expected() for s in self._others())
+
+    def _others(self) -> list["StreamSegmenter"]:
+        """Streams with no frame offered or running now (under the lock)."""
+        busy = {id(r.stream) for r in self._pending} | self._inflight
+        return [s for s in self._streams if id(s) not in busy]
 
     def _take(self) -> list[_Request] | None:
         with self._cond:
             self._cond.wait_for(lambda: self._pending or self._closed)
             if not self._pending:
                 return None
-            limit = self.limit or max(1, len(self._streams))
+            share = max(1, -(-len(self._streams) // self.instances))  # ceil(streams / instances)
+            limit = min(self.limit, share) if self.limit is not None else share
+            limit = max(limit, 1)
             if limit > 1:
                 # Counted from when this thread is free: frames that came during the last batch
                 # have waited already, but the streams it just answered need a moment to offer again.
@@ -214,14 +236,20 @@ class Batcher:
             shape = self._pending[0].shape
             batch = [r for r in self._pending if r.shape == shape][:limit]
             self._pending = [r for r in self._pending if r not in batch]
+            self._inflight |= {id(r.stream) for r in batch}
+            number, self._numbered = self._numbered, self._numbered + 1
+            for r in batch:
+                r.batch = number
+            # Told in the order batches start (a mosaic draws them in that order).
+            for listener in self.listeners:
+                listener(number, [r.stream for r in batch])
             return batch
 
     def _wait_s(self, limit: int) -> float:
         """How long to wait for the streams still to come (under the lock)."""
         if self.max_wait_ms is not None:
             return self.max_wait_ms / 1e3
-        offered = {id(r.stream) for r in self._pending}
-        gaps = [s.comeback for s in self._streams if id(s) not in offered and s.comeback is not None]
+        gaps = [s.comeback for s in self._others() if s.comeback is not None]
         lo, hi = AUTO_WAIT_MS
         return min(hi, max(lo, AUTO_WAIT_FACTOR * 1e3 * max(gaps, default=0.0))) / 1e3
 
@@ -230,10 +258,8 @@ class Batcher:
             self._run(batch)
 
     def _run(self, batch: list[_Request]) -> None:
-        number = self.stats.batches
-        for listener in self.listeners:
-            listener(number, [r.stream for r in batch])
         started = time.perf_counter()
+        error: BaseException | None = None
         try:
             if self.frame_input:
                 outputs = [self.backend.infer_frame(batch[0].frame)]
@@ -243,21 +269,23 @@ class Batcher:
                 x = tensors[0] if len(tensors) == 1 and not pad else np.concatenate(tensors + tensors[-1:] * pad)
                 out = self.backend.infer(x)
                 outputs = [out[i:i + 1] for i in range(len(batch))]
-                self.stats.padded += pad
         except BaseException as exc:  # noqa: BLE001 - each waiting stream raises it in its own thread
-            for r in batch:
-                r.error = exc
-                r.done.set()
-            return
+            error, outputs = exc, [None] * len(batch)
         ms = (time.perf_counter() - started) * 1e3
-        stats = self.stats
-        stats.batches += 1
-        stats.frames += len(batch)
-        stats.sizes[len(batch)] = stats.sizes.get(len(batch), 0) + 1
-        stats.infer.add(ms)
+        if error is None:
+            with self._stats_lock:
+                stats = self.stats
+                stats.batches += 1
+                stats.frames += len(batch)
+                stats.sizes[len(batch)] = stats.sizes.get(len(batch), 0) + 1
+                stats.infer.add(ms)
+                stats.padded += 0 if self.frame_input else max(0, self.min_batch - len(batch))
+        with self._cond:  # before the streams are woken: their next frame must not count as in flight
+            self._inflight -= {id(r.stream) for r in batch}
+            self._cond.notify_all()
         answered = time.perf_counter()
         for r, output in zip(batch, outputs):
-            r.output, r.batch, r.size, r.started, r.infer_ms = output, number, len(batch), started, ms
+            r.output, r.error, r.size, r.started, r.infer_ms = output, error, len(batch), started, ms
             r.stream.answered(answered)
             r.done.set()
 

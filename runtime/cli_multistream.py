@@ -28,6 +28,12 @@ def check_stream_outputs(args: argparse.Namespace, count: int) -> None:
                            + (" or use --mosaic FILE.mp4 for one video of all streams tiled" if what == "video" else ""))
 
 
+def check_stream_options(args: argparse.Namespace) -> None:
+    for flag, value in (("--max-batch", args.max_batch), ("--instances", args.instances)):
+        if value is not None and value < 1:
+            raise CliError(f"{flag} {value}: must be 1 or more")
+
+
 def _open_sources(specs: list[str], **opts) -> list:
     from .sources import SourceError, open_source
 
@@ -55,8 +61,7 @@ def run_streams(args: argparse.Namespace, specs: list[str], model) -> int:
 
     count = len(specs)
     check_stream_outputs(args, count)
-    if args.max_batch is not None and args.max_batch < 1:
-        raise CliError(f"--max-batch {args.max_batch}: must be 1 or more")
+    check_stream_options(args)
     check_json_target(args.json)
     from .output_guard import check_outputs
 
@@ -93,7 +98,8 @@ def run_streams(args: argparse.Namespace, specs: list[str], model) -> int:
             if mosaic_sinks else None
         view = ViewSettings(args.view, args.alpha, legend=args.legend)
         run = MultiStream(sources, backend, per_stream, view=view, mosaic=mosaic, max_frames=args.max_frames,
-                          warmup=args.warmup, max_batch=args.max_batch, progress=not args.quiet)
+                          warmup=args.warmup, max_batch=args.max_batch, instances=args.instances or 1,
+                          progress=not args.quiet)
         live = sum(s.live for s in sources)
         print(f"dilseg run: {Path(str(model)).name} ({backend.name}) on {count} sources ({live} live); "
               f"{run.batcher.describe()}", file=sys.stderr)
@@ -155,8 +161,7 @@ def bench_streams(args: argparse.Namespace, specs: list[str], model) -> int:
     from .preprocess import preprocess
     from .sinks import Sink
 
-    if args.max_batch is not None and args.max_batch < 1:
-        raise CliError(f"--max-batch {args.max_batch}: must be 1 or more")
+    check_stream_options(args)
     check_json_target(args.json)
     last: dict = {}
     with contextlib.ExitStack() as stack:
@@ -166,7 +171,8 @@ def bench_streams(args: argparse.Namespace, specs: list[str], model) -> int:
         backend = _open_backend(args, model)
         stack.callback(backend.close)
         run = MultiStream(sources, backend, [[Sink()] for _ in sources], max_frames=args.warmup + args.frames,
-                          warmup=args.warmup, max_batch=args.max_batch, progress=not args.quiet,
+                          warmup=args.warmup, max_batch=args.max_batch, instances=args.instances or 1,
+                          progress=not args.quiet,
                           on_result=lambda i, result: last.__setitem__(i, result.frame))
         stats = run.run()
         _raise_stream_errors(stats)

@@ -137,6 +137,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _streams_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch", type=int, metavar="N",
                    help="several sources: at most N frames per inference (default: one per stream, as the model allows)")
+    p.add_argument("--instances", type=int, metavar="N",
+                   help="several sources: N inferences at once on the one loaded model, the streams shared out "
+                        "(default 1; on a CPU, one per core with --threads 1 keeps every core busy)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -231,8 +234,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         from .cli_multistream import run_streams
 
         return run_streams(args, sources, model)
-    if args.max_batch is not None:
-        raise CliError("--max-batch is for several sources (repeat --source)")
+    if args.max_batch is not None or args.instances is not None:
+        raise CliError("--max-batch and --instances are for several sources (repeat --source)")
     args.source = sources[0]
     from .cli_eval import check_json_target
     from .output_guard import check_outputs
@@ -393,8 +396,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         from .cli_multistream import bench_streams
 
         return bench_streams(args, sources, model)
-    if args.max_batch is not None:
-        raise CliError("--max-batch is for several sources (repeat --source)")
+    if args.max_batch is not None or args.instances is not None:
+        raise CliError("--max-batch and --instances are for several sources (repeat --source)")
     args.source = sources[0]
     with contextlib.ExitStack() as stack:
         source = stack.enter_context(open_source(args.source))

@@ -278,7 +278,7 @@ class MultiStream:
     reached), or on ``stop()`` / Ctrl-C / SIGTERM, which end every stream cleanly.
 
     ``sinks[i]`` are stream i's sinks. ``max_frames`` and ``warmup`` apply to each stream;
-    ``max_batch`` and ``max_wait_ms`` go to the Batcher. ``on_result(i, result)`` is called
+    ``max_batch``, ``max_wait_ms`` and ``instances`` go to the Batcher. ``on_result(i, result)`` is called
     from stream i's output thread. A stream that fails (its sink cannot write, its model call
     raises) is reported in its StreamReport; the others go on.
     """
@@ -286,7 +286,7 @@ class MultiStream:
     def __init__(self, sources: Sequence[Source], backend: Backend, sinks: Sequence[Sequence[Sink]] | None = None, *,
                  view: ViewSettings | None = ViewSettings(), mosaic: Mosaic | None = None,
                  max_frames: int | None = None, warmup: int = 0, max_batch: int | None = None,
-                 max_wait_ms: float | None = None, queue_size: int = 4,
+                 max_wait_ms: float | None = None, instances: int = 1, queue_size: int = 4,
                  on_result: Callable[[int, FrameResult], None] | None = None, progress: bool = False,
                  handle_signals: bool = True) -> None:
         if not sources:
@@ -299,7 +299,7 @@ class MultiStream:
         self.sinks = [list(s) for s in sinks] if sinks is not None else [[] for _ in sources]
         self.progress, self.handle_signals = progress, handle_signals
         self.stopped_by = ""
-        self.batcher = Batcher(backend, max_batch, max_wait_ms)
+        self.batcher = Batcher(backend, max_batch, max_wait_ms, instances)
         index_of: dict[int, int] = {}
         self.pipelines: list[Pipeline] = []
         for i, source in enumerate(self.sources):

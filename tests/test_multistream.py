@@ -112,6 +112,10 @@ def test_batching_is_counted_by_the_backend_and_a_fixed_batch_is_padded(batch_on
     backend, stats = run(batch_onnx, 4, max_batch=2)  # the cap holds
     assert backend.counts.largest_batch == 2
 
+    backend, stats = run(batch_onnx, 4, instances=2)  # two inferences at once: the streams shared out, two each
+    assert backend.counts.largest_batch == 2 and backend.counts.items == 6 + 7 + 8 + 9
+    assert "2 at once" in stats.summary()
+
     backend, stats = run(small_onnx, 3)  # fixed at one frame: one by one through the same backend
     assert backend.counts.largest_batch == 1 and backend.counts.calls == backend.counts.items == 6 + 7 + 8
     assert "one frame per inference" in stats.summary()
@@ -137,17 +141,19 @@ def test_mosaic_tiles_the_streams_one_picture_per_batch(tmp_path, batch_onnx, cl
     second = video_frames(tmp_path / "s_1.avi")
     # The left tile is stream 0's picture (its title aside), every frame of it in order; the right tile
     # keeps stream 1's last picture once that stream has ended.
-    for k in (0, 7, 13):
-        left = mosaic[k][:80, :128].astype(int)
-        assert np.abs(left - first[k][:80].astype(int)).mean() < 12
-        assert np.abs(left - first[k + 1 if k < 13 else k - 1][:80].astype(int)).mean() > \
-            np.abs(left - first[k][:80].astype(int)).mean()
-    last_right = cv2.resize(second[-1], (128, 96))[:80].astype(int)
-    assert np.abs(mosaic[-1][:80, 128:].astype(int) - last_right).mean() < 12
+    def diff(x, y):
+        return np.abs(x[:80].astype(int) - y[:80].astype(int)).mean()
+
+    for k in (0, 7, 13):  # nearest to stream 0's own picture k of all its pictures (both videos are lossy)
+        left = mosaic[k][:, :128]
+        assert diff(left, first[k]) < 25 and diff(left, first[k]) == min(diff(left, f) for f in first), k
+    right = mosaic[-1][:, 128:]
+    assert diff(right, cv2.resize(second[-1], (128, 96))) == min(diff(right, cv2.resize(f, (128, 96))) for f in second)
 
 
 def test_a_slow_stream_gets_every_frame_and_the_fast_one_is_not_held_back(batch_onnx):
     backend = open_backend(batch_onnx, threads=1)
+    backend.infer(np.zeros((2, 3, 64, 96), np.float32))  # ONNX Runtime's first run is slow: not the streams' concern
     fast, slow = open_source("test://96x64?fps=30"), open_source("test://96x64?fps=5")
     run = MultiStream([fast, slow], backend, [[Sink()], [Sink()]])
     timer = threading.Timer(3.0, run.stop)
@@ -216,7 +222,7 @@ def test_cli_errors_for_several_sources(tmp_path, small_onnx, capsys):
         (["run", *two, "--labels", str(tmp_path / "masks")], r"put \{i\} in the name .*masks_\{i\}"),
         (["run", "--model", str(small_onnx), *two, "--max-batch", "2"], r"--max-batch 2: .* takes at most 1 frames "
          r"per inference; free its batch axis with `dilseg export onnx --from .* --batch dynamic`"),
-        (["run", "--source", "test://", "--max-batch", "2"], r"--max-batch is for several sources"),
+        (["run", "--source", "test://", "--max-batch", "2"], r"--max-batch and --instances are for several sources"),
         (["run", *two, "--source", str(tmp_path / "missing.mp4")], r"--source #2 \(.*missing.mp4\): .*no such file"),
         (["bench", *two, "--max-batch", "0"], r"--max-batch 0: must be 1 or more"),
     ]
