@@ -270,6 +270,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crop and frame sizes: pick the fastest kernels once
     torch.manual_seed(cfg.seed)
 
     split: Split = make_split(cfg.data, cfg.holdout, cfg.train_splits)

@@ -4,7 +4,7 @@
 #
 #   scripts/train_gpu.sh --stage      # here, once: copy CamVid into .device-data/ (git-ignored)
 #   scripts/train_gpu.sh              # there: device run with carry [".device-data"], timeout 600
-#   OUT=/tmp/gpu-smoke scripts/train_gpu.sh --smoke   # any CPU, a couple of minutes
+#   OUT=/tmp/gpu-smoke scripts/train_gpu.sh --smoke   # any CPU, 5-10 minutes (every phase, 8 frames)
 #
 # Results land in $OUT (at most 8 files come back from a device run): summary.md,
 # summary.json, driver.log, logs.tar.gz (every run's log.csv, best.json, train.log) and the

@@ -87,6 +87,15 @@ def test_holdout_run_selects_on_the_held_out_sequence(tmp_path) -> None:
         meta = f.metadata()
     assert meta["selected_on"] == "holdout" and meta["epoch"] == str(report["epoch"])
 
+    # The ablation table reads the same folder: recipe, fold, selected score, train time.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from ablation_table import row, table
+
+    r = row(tmp_path / "run")
+    assert r["recipe"] == "base" and r["holdout"] == "0006R0" and r["done"] and r["epochs_done"] == 3
+    assert r["holdout_miou"] == report["holdout"]["miou"]
+    assert f"| {100 * max(holdout):.2f} (ep {report['epoch']}) | +0.00 |" in table([r])
+
 
 def test_class_weights_favour_rare_classes() -> None:
     labels = [np.array([[0] * 90 + [1] * 9 + [2] * 1 + [11] * 50], np.uint8)]
