@@ -220,6 +220,44 @@ def tamper(repo: Path, name: str, change) -> None:
     (repo / name / "config.pbtxt").write_text(text_format.MessageToString(cfg))
 
 
+# Triton's ONNX Runtime backend is not in the wheel's tritonserver: this Python-backend stand-in
+# serves the onnxruntime_onnx repository's own config.pbtxt and model.onnx the way that backend
+# does (the normalised tensor in, the graph's labels out), so the client's tensor path meets a
+# real server.
+ONNX_STAND_IN = '''
+import json
+from pathlib import Path
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.input, self.output = config["input"][0]["name"], config["output"][0]["name"]
+        self.session = ort.InferenceSession(str(Path(args["model_repository"]) / args["model_version"] / "model.onnx"),
+                                            providers=["CPUExecutionProvider"])
+
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            x = pb_utils.get_input_tensor_by_name(r, self.input).as_numpy()
+            y = self.session.run(None, {self.input: x})[0]
+            out.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.output, y)]))
+        return out
+'''
+
+
+def onnx_platform_stand_in(repo: Path, name: str) -> None:
+    assert export(MODEL, "-o", repo, "--name", name, "--platform", "onnxruntime_onnx", "--kind", "cpu") == 0
+    cfg = parse_config(repo / name / "config.pbtxt")
+    cfg.ClearField("platform")
+    cfg.ClearField("default_model_filename")
+    cfg.backend = "python"
+    (repo / name / "config.pbtxt").write_text(text_format.MessageToString(cfg))
+    (repo / name / "1" / "model.py").write_text(ONNX_STAND_IN)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, sysvenv):
     reason = triton_missing(sysvenv)
@@ -233,7 +271,8 @@ def server(tmp_path_factory, sysvenv):
     tamper(repo, "broken", lambda m: None)  # fails to load: its ONNX is cut short
     onnx_file = repo / "broken" / "1" / "model.onnx"
     onnx_file.write_bytes(onnx_file.read_bytes()[:1000])
-    loaded = [f"--load-model={m}" for m in (NAME, "wrong_size", "few_classes")]
+    onnx_platform_stand_in(repo, "tensors")
+    loaded = [f"--load-model={m}" for m in (NAME, "wrong_size", "few_classes", "tensors")]
     srv = TritonServer(repo, venv=sysvenv, args=["--model-control-mode=explicit", *loaded],
                        log_path=repo.parent / "tritonserver.log")
     srv.start()
@@ -261,6 +300,16 @@ def test_labels_equal_in_process_onnxruntime_on_camvid_frames(server, how):
 
         batch = np.concatenate([preprocess(f, local.meta) for f in frames[:2]])
         np.testing.assert_array_equal(remote.infer(batch), np.concatenate([local.infer(t[None]) for t in batch]))
+
+
+@needs_camvid
+def test_a_server_taking_tensors_gets_the_normalised_tensor(server):
+    frames = val_frames(2)
+    with open_backend(MODEL, "onnxruntime") as local, open_backend(url(server, "tensors")) as remote:
+        assert not remote.capabilities.frame_input and remote.describe()["sends"] == "normalised tensors"
+        here, there = Segmenter(local), Segmenter(remote)
+        for frame in frames:
+            np.testing.assert_array_equal(there.process(frame).labels, here.process(frame).labels)
 
 
 @needs_camvid
