@@ -1,5 +1,7 @@
 """`dilseg bench`: the pipeline's per-stage latency and end-to-end FPS next to the raw inference
-throughput of the same model on the same input, so the pipeline's overhead is visible."""
+throughput of the same model on the same input, so the pipeline's overhead is visible. The raw
+figure times the pipeline's own call (``infer_frame`` on a backend that takes frames); with CUDA
+graphs on, that call is timed with and without them in interleaved rounds."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -77,6 +80,9 @@ class BenchResult:
     raw_fps: float
     raw_ms: dict  # {p50, p95, mean} of back-to-back backend.infer
     raw_stages_ms: dict = field(default_factory=dict)  # backend-reported split (TensorRT: gpu_upload/gpu_infer/...)
+    raw_call: str = "infer"  # what was timed: the pipeline's own call (infer, or infer_frame on a GPU-frame backend)
+    # --cuda-graph: the same call without the graph, in rounds interleaved with the graph's ({fps, ms, stages_ms})
+    raw_without_graph: dict | None = None
     peak_rss_mib: float = 0.0
     rss_warm_mib: float | None = None
     rss_end_mib: float | None = None
@@ -89,8 +95,14 @@ class BenchResult:
     def ratio(self) -> float:
         return self.e2e_fps / self.raw_fps if self.raw_fps else 0.0
 
+    @property
+    def graph_speedup(self) -> float | None:
+        """Raw FPS with the CUDA graph over raw FPS without it (same call, interleaved rounds)."""
+        other = self.raw_without_graph
+        return self.raw_fps / other["fps"] if other and other["fps"] else None
+
     def to_dict(self) -> dict:
-        return {**asdict(self), "e2e_fps": self.e2e_fps, "ratio": self.ratio}
+        return {**asdict(self), "e2e_fps": self.e2e_fps, "ratio": self.ratio, "graph_speedup": self.graph_speedup}
 
     def report(self) -> str:
         p = self.pipeline
@@ -103,17 +115,27 @@ class BenchResult:
                   f"{'infer':<16}{self.raw_ms['p50']:>9.2f}{self.raw_ms['p95']:>9.2f}{self.raw_ms['mean']:>9.2f}"]
         for name, s in self.raw_stages_ms.items():
             lines.append(f"{'  ' + name:<16}{s['p50']:>9.2f}{s['p95']:>9.2f}{s['mean']:>9.2f}")
+        other = self.raw_without_graph
+        if other:
+            ms = other["ms"]
+            lines.append(f"{'no CUDA graph':<16}{ms['p50']:>9.2f}{ms['p95']:>9.2f}{ms['mean']:>9.2f}")
+            for name, s in other["stages_ms"].items():
+                lines.append(f"{'  ' + name:<16}{s['p50']:>9.2f}{s['p95']:>9.2f}{s['mean']:>9.2f}")
         lines += [
             "",
             f"frames: {p['frames_out'] - p['warmup']} measured after {p['warmup']} warm-up; "
             f"dropped {p['dropped']}, corrupt skipped {p['corrupt_skipped']}",
             f"end-to-end FPS:     {self.e2e_fps:8.1f}   (source -> sinks, all threads)",
-            f"raw inference FPS:  {self.raw_fps:8.1f}   (back-to-back backend.infer, same model, same input)",
+            f"raw inference FPS:  {self.raw_fps:8.1f}   (back-to-back backend.{self.raw_call}, the pipeline's call, "
+            "same model, same input)",
             f"end-to-end / raw:   {self.ratio:8.2f}",
             f"peak RSS:           {self.peak_rss_mib:8.1f} MiB"
             + (f"   (warm {self.rss_warm_mib:.1f} MiB, end {self.rss_end_mib:.1f} MiB)"
                if self.rss_warm_mib is not None and self.rss_end_mib is not None else ""),
         ]
+        if other:
+            lines.insert(-2, f"  without the CUDA graph: {other['fps']:8.1f}   (same call, rounds interleaved with "
+                             f"the graph's): the graph gives {self.graph_speedup:.2f}x")
         return "\n".join(lines)
 
     def write_json(self, path: str | Path) -> None:
@@ -124,22 +146,81 @@ def _summary(times: StageTimes) -> dict:
     return {"p50": times.percentile(50), "p95": times.percentile(95), "mean": times.mean, "n": times.count}
 
 
+class _CallTimes:
+    """Wall times of one kind of call, and the backend's own split of each."""
+
+    def __init__(self, backend: Backend, n: int) -> None:
+        self.backend, self.n = backend, max(n, 1)
+        self.total, self.split, self.seconds = StageTimes(self.n), {}, 0.0
+
+    def run(self, call: Callable[[], object], count: int) -> None:
+        own = self.backend.capabilities.stage_timings
+        t_start = time.perf_counter()
+        for _ in range(count):
+            t0 = time.perf_counter()
+            call()
+            self.total.add((time.perf_counter() - t0) * 1e3)
+            for key, ms in (self.backend.last_timings.items() if own else ()):
+                self.split.setdefault(key, StageTimes(self.n)).add(ms)
+        self.seconds += time.perf_counter() - t_start
+
+    def result(self) -> tuple[float, dict, dict]:
+        fps = self.total.count / self.seconds if self.seconds > 0 else 0.0
+        return fps, _summary(self.total), {k: _summary(v) for k, v in self.split.items()}
+
+
 def raw_inference(backend: Backend, tensor: np.ndarray, frames: int, warmup: int) -> tuple[float, dict, dict]:
     """Back-to-back ``backend.infer`` on one tensor: (FPS, {p50,p95,mean} ms of the call's wall time,
     the backend's own split where it reports one)."""
     for _ in range(warmup):
         backend.infer(tensor)
-    total, split = StageTimes(max(frames, 1)), {}
-    own = backend.capabilities.stage_timings
-    t_start = time.perf_counter()
-    for _ in range(frames):
-        t0 = time.perf_counter()
-        backend.infer(tensor)
-        total.add((time.perf_counter() - t0) * 1e3)
-        for key, ms in (backend.last_timings.items() if own else ()):
-            split.setdefault(key, StageTimes(max(frames, 1))).add(ms)
-    seconds = time.perf_counter() - t_start
-    return frames / seconds if seconds > 0 else 0.0, _summary(total), {k: _summary(v) for k, v in split.items()}
+    times = _CallTimes(backend, frames)
+    times.run(lambda: backend.infer(tensor), frames)
+    return times.result()
+
+
+def pipeline_call(backend: Backend, frame: np.ndarray) -> tuple[Callable[[], object], str]:
+    """The call the pipeline makes for ``frame`` (as the Segmenter chooses it), ready to repeat,
+    and its name: ``infer_frame`` on a backend that takes frames, else ``infer`` of the tensor."""
+    if backend.capabilities.frame_input:
+        return (lambda: backend.infer_frame(frame)), "infer_frame"
+    tensor = preprocess(frame, backend.meta)
+    return (lambda: backend.infer(tensor)), "infer"
+
+
+def graph_modes(backend: Backend) -> tuple[bool | None, ...]:
+    """(True, False) when the backend replays CUDA graphs (--cuda-graph): the raw figure is then
+    timed with and without them; else (None,): as the backend is."""
+    on = backend.capabilities.cuda_graph and bool(getattr(backend.options, "cuda_graph", False))
+    return (True, False) if on else (None,)
+
+
+def raw_calls(backend: Backend, call: Callable[[], object], frames: int, warmup: int,
+              modes: tuple[bool | None, ...] = (None,), rounds: int = 10) -> dict:
+    """Back-to-back ``call()``: {mode: (FPS, ms summary, backend split)}. Several modes (CUDA graph
+    on/off) alternate in ``rounds`` rounds, the order reversed every round, so each sees the same
+    machine state; the backend is left in its first mode."""
+    def switch(mode: bool | None) -> None:
+        if mode is not None:
+            backend.set_cuda_graph(mode)
+
+    times = {m: _CallTimes(backend, frames) for m in modes}
+    for m in modes:
+        switch(m)
+        for _ in range(warmup):  # also captures each mode's graph before timing
+            call()
+    rounds = max(1, min(rounds, frames)) if len(modes) > 1 else 1
+    done = 0
+    try:
+        for r in range(rounds):
+            count = (frames - done) // (rounds - r)
+            for m in (modes if r % 2 == 0 else modes[::-1]):
+                switch(m)
+                times[m].run(call, count)
+            done += count
+    finally:
+        switch(modes[0])
+    return {m: t.result() for m, t in times.items()}
 
 
 def bench(source: Source, backend: Backend, frames: int = 200, warmup: int = 20, model: str = "",
@@ -161,12 +242,19 @@ def bench(source: Source, backend: Backend, frames: int = 200, warmup: int = 20,
     probe.end()
     if "frame" not in last:
         raise SourceError(f"{source.spec}: the source gave no frame to benchmark; check it with `dilseg run --source ...`")
-    tensor = preprocess(last["frame"], backend.meta)
-    raw_fps, raw_ms, raw_split = raw_inference(backend, tensor, max(1, stats.measured_frames or frames), min(warmup, 10))
+    call, call_name = pipeline_call(backend, last["frame"])
+    modes = graph_modes(backend)
+    raw = raw_calls(backend, call, max(1, stats.measured_frames or frames), max(min(warmup, 10), 1 if modes[0] else 0),
+                    modes)
+    raw_fps, raw_ms, raw_split = raw[modes[0]]
+    without = None
+    if False in raw:
+        fps, ms, split = raw[False]
+        without = {"fps": fps, "ms": ms, "stages_ms": split}
     mib = 1 / (1 << 20)
     return BenchResult(
         model=model or str(backend.path), backend=backend.name, source=source.spec, live=source.live,
         frames=stats.measured_frames, warmup=warmup, pipeline=stats.to_dict(), raw_fps=raw_fps, raw_ms=raw_ms,
-        raw_stages_ms=raw_split, peak_rss_mib=peak_rss_bytes() * mib,
+        raw_stages_ms=raw_split, raw_call=call_name, raw_without_graph=without, peak_rss_mib=peak_rss_bytes() * mib,
         rss_warm_mib=probe.warm * mib if probe.warm else None, rss_end_mib=probe.last * mib if probe.last else None,
     )

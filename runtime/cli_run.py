@@ -70,8 +70,10 @@ examples:
 
 It runs the whole pipeline (source -> preprocess -> infer -> postprocess -> render, no sink)
 for WARMUP + FRAMES frames, reporting per-stage p50/p95 latency and end-to-end FPS, then
-times back-to-back backend.infer calls of the same model on the same (preprocessed) frame:
-end-to-end / raw near 1 means the other stages hide behind inference. "infer" is the wall time
+times back-to-back calls of the same model on the same frame, the call the pipeline makes
+(TensorRT: infer_frame, the frame preprocessed on the GPU; else infer of the preprocessed frame):
+end-to-end / raw near 1 means the other stages hide behind inference. With --cuda-graph the same
+call is also timed without the graph, in interleaved rounds, and the speed-up printed. "infer" is the wall time
 of the inference call on every backend; one that splits its own time (TensorRT: CUDA-event
 gpu_upload/gpu_infer/gpu_download) has those listed too. Peak RSS is the process's high-water mark.
 
@@ -153,7 +155,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="ONNX Runtime intra-op threads (default: cores, at most 8)")
     t = p.add_argument_group("TensorRT backend (--backend tensorrt, or an .engine)")
     t.add_argument("--cuda-graph", action="store_true",
-                   help="capture copy-in, inference and copy-out as one CUDA graph per input shape and replay it")
+                   help="capture inference and copy-out as one CUDA graph per input shape and replay it (on the "
+                        "GPU-preprocessed path too)")
     t.add_argument("--fp16", action="store_true",
                    help="when building from an fp32 .onnx: let TensorRT 10 use fp16 kernels (TensorRT 11: "
                         "export an fp16 ONNX instead)")

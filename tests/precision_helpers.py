@@ -9,6 +9,7 @@ Artifacts are cached under the session's base temp folder, so every test file re
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -19,9 +20,10 @@ import pytest
 from onnx import TensorProto, helper
 
 REPO = Path(__file__).resolve().parents[1]
-CAMVID = REPO.parent / "shared" / "data" / "camvid"  # ../shared/data/camvid from the repo root
+# ../shared/data/camvid from the repo root; DILSEG_CAMVID names another copy (a GPU machine's).
+CAMVID = Path(os.environ.get("DILSEG_CAMVID") or REPO.parent / "shared" / "data" / "camvid")
 needs_camvid = pytest.mark.skipif(not (CAMVID / "val" / "labels").is_dir(),
-                                  reason=f"CamVid not found at {CAMVID} (../shared/data/camvid)")
+                                  reason=f"CamVid not found at {CAMVID} (../shared/data/camvid, or set DILSEG_CAMVID)")
 SIZE = (64, 96)  # small input: every test model runs in milliseconds
 
 

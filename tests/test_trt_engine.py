@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from dilseg.runtime.backends import BackendError, open_backend
+from precision_helpers import CAMVID, needs_camvid
 
 HAVE_TRT = subprocess.run([sys.executable, "-c", "import tensorrt"], capture_output=True).returncode == 0
 HAVE_PYCUDA = subprocess.run([sys.executable, "-c", "import pycuda.driver"], capture_output=True).returncode == 0
@@ -160,6 +161,22 @@ def test_kernels_that_cannot_compile_fall_back_to_cpu_preprocessing(engine, monk
             be.render_last()
 
 
+def test_graph_step_is_the_same_on_both_paths():
+    """infer() and infer_frame() both ask graph_step (no 'upload' in it: infer_frame's call was never
+    replayed when capture and replay required the host copy-in)."""
+    import inspect
+
+    from dilseg.runtime.trt.runner import TensorRTBackend, graph_step
+
+    assert graph_step(True, captured=False, failed=False) == "capture"
+    assert graph_step(True, captured=True, failed=False) == "replay"
+    assert graph_step(True, captured=False, failed=True) == "plain"
+    assert graph_step(False, captured=True, failed=False) == "plain"
+    assert list(inspect.signature(graph_step).parameters) == ["enabled", "captured", "failed"]
+    for method in (TensorRTBackend.infer_impl, TensorRTBackend.infer_frame):
+        assert "self._run(bufs, upload=" in inspect.getsource(method)
+
+
 @pytest.mark.gpu
 @pytest.mark.tensorrt
 def test_cuda_graph_gives_same_labels(engine):
@@ -167,11 +184,53 @@ def test_cuda_graph_gives_same_labels(engine):
     from dilseg.runtime.preprocess import preprocess
 
     path, _ = engine
-    xs = [preprocess(f, read_meta(path)) for f in frames(3, 64, 96, seed=5)]
-    with open_backend(path, backend="tensorrt") as plain, open_backend(path, backend="tensorrt", cuda_graph=True) as g:
-        for x in xs:
+    fs = frames(4, 64, 96, seed=5)
+    xs = [preprocess(f, read_meta(path)) for f in fs]
+    messages = []
+    with open_backend(path, backend="tensorrt") as plain, \
+            open_backend(path, backend="tensorrt", cuda_graph=True, log=messages.append) as g:
+        # infer(): a shape's first call runs plainly and captures; the later ones replay the graph.
+        for i, x in enumerate(xs):
             np.testing.assert_array_equal(g.infer(x), plain.infer(x))
-        assert all(b.graph is not None or b.graph_failed for b in g._buffers.values())
+            assert ("gpu_infer+download" in g.last_timings) == (i > 0), g.last_timings
+        bufs = g._buffers[(1, 3, 64, 96)]
+        assert bufs.graph_failed is None and not messages, (bufs.graph_failed, messages)
+        assert bufs.graph is not None and bufs.replays == len(xs) - 1
+        # infer_frame(), the pipeline's call: the same graph, after the preprocessing kernel.
+        for f in fs:
+            np.testing.assert_array_equal(g.infer_frame(f), plain.infer_frame(f))
+            assert g.gpu_preprocess_error is None, g.gpu_preprocess_error
+            assert {"gpu_preprocess", "gpu_infer+download"} <= set(g.last_timings), g.last_timings
+        assert bufs.replays == 2 * len(xs) - 1
+        # Switched off (bench's comparison): plain again, same labels, the graph kept.
+        g.set_cuda_graph(False)
+        np.testing.assert_array_equal(g.infer(xs[0]), plain.infer(xs[0]))
+        assert "gpu_infer" in g.last_timings and bufs.replays == 2 * len(xs) - 1 and bufs.graph is not None
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_run_and_bench_use_the_graph_on_the_pipelines_path(engine, tmp_path):
+    path, _ = engine
+    source = "test://96x64?live=0&frames=12"
+    r = subprocess.run([sys.executable, "-m", "dilseg.runtime.cli", "run", "--model", str(path), "--backend",
+                        "tensorrt", "--cuda-graph", "--source", source, "--json", str(tmp_path / "run.json"),
+                        "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    stages = json.loads((tmp_path / "run.json").read_text())["stages_ms"]
+    assert "gpu_infer+download" in stages and "gpu_preprocess" in stages, stages
+    r = subprocess.run([sys.executable, "-m", "dilseg.runtime.cli", "bench", "--model", str(path), "--backend",
+                        "tensorrt", "--cuda-graph", "--source", "test://96x64?live=0", "--frames", "40", "--warmup",
+                        "5", "--json", str(tmp_path / "bench.json"), "--quiet"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["raw_call"] == "infer_frame"  # the pipeline's call, timed with and without the graph
+    assert "gpu_infer+download" in data["pipeline"]["stages_ms"] and "gpu_infer+download" in data["raw_stages_ms"]
+    assert "gpu_infer" in data["raw_without_graph"]["stages_ms"] and data["raw_without_graph"]["fps"] > 0
+    assert "without the CUDA graph" in r.stdout and data["graph_speedup"] > 0
 
 
 @pytest.mark.gpu
@@ -192,6 +251,24 @@ def test_inference_in_a_worker_thread(engine):
     be.close()  # idempotent
     with pytest.raises(BackendError, match="not loaded"):
         be.infer(x)
+    # Loaded in a worker thread and closed from this one: released here, and this thread's
+    # current context is what it was before (the primary context is never left current by close).
+    before = current_context()
+    made = {}
+    t = threading.Thread(target=lambda: made.setdefault("be", open_backend(path, backend="tensorrt")))
+    t.start()
+    t.join()
+    np.testing.assert_array_equal(made["be"].infer(x), out["labels"])
+    made["be"].close()
+    assert made["be"]._ctx is None and current_context() == before
+
+
+def current_context() -> int:
+    import ctypes
+
+    handle = ctypes.c_void_p()
+    assert ctypes.CDLL("libcuda.so.1").cuCtxGetCurrent(ctypes.byref(handle)) == 0
+    return handle.value or 0
 
 
 @pytest.mark.gpu
@@ -241,17 +318,34 @@ def test_onnx_builds_once_then_reuses_then_rebuilds(gpu, trt_onnx, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.tensorrt
-def test_dynamic_engine_profile(gpu, trt_onnx, tmp_path):
+@needs_camvid
+def test_dynamic_engine_profile(gpu, small_onnx_dynamic, tmp_path):
+    """Real CamVid val frames at three sizes of the profile, through a model whose masks vary
+    (small_onnx_dynamic: BatchNorm statistics from image-like input, many classes per frame)."""
+    import cv2
+
+    from dilseg.runtime.dataset import SegmentationDataset
+    from dilseg.runtime.preprocess import preprocess
     from dilseg.runtime.trt.build import BuildOptions, build_engine
 
     path = tmp_path / "dyn.engine"
-    build_engine(trt_onnx["dynamic"], path, BuildOptions(min_shape="1x3x64x64", opt_shape="1x3x64x96",
-                                                         max_shape="1x3x128x160", progress=False))
+    build_engine(small_onnx_dynamic, path, BuildOptions(min_shape="1x3x64x64", opt_shape="1x3x64x96",
+                                                        max_shape="1x3x128x160", progress=False))
+    data = SegmentationDataset(CAMVID, "val")
+    images = [data[i][0] for i in (0, 40, 80)]  # BGR, as sources deliver frames
     with open_backend(path, backend="tensorrt") as be:
+        masks = []
         for h, w in ((64, 64), (128, 160), (64, 96)):
-            x = np.zeros((1, 3, h, w), np.float32)
-            assert be.infer(x).shape == (1, h, w)
-            np.testing.assert_array_equal(be.infer(x), ort_labels(trt_onnx["dynamic"], x))
+            for image in images:
+                x = preprocess(cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA), be.meta)
+                assert x.shape == (1, 3, h, w)
+                got, ref = be.infer(x), ort_labels(small_onnx_dynamic, x)
+                assert got.shape == ref.shape == (1, h, w)
+                assert len(np.unique(ref)) >= 3, f"{h}x{w}: the reference predicts {np.unique(ref)}"
+                # fp32 engine; TF32 (TensorRT's default on Ampere+) may flip near-tie pixels only.
+                assert (got == ref).mean() >= 0.99, f"{h}x{w}: agreement {(got == ref).mean():.4f}"
+                masks.append(got)
+        assert len({m.tobytes() for m in masks}) == len(masks)  # every frame and size its own mask
         with pytest.raises(BackendError, match="outside the engine's shape profile"):
             be.infer(np.zeros((1, 3, 256, 256), np.float32))
 

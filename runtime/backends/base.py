@@ -32,6 +32,7 @@ class Capabilities:
     frame_input: bool = False  # infer_frame(bgr): uploads the frame once and preprocesses it on the GPU
     gpu_render: bool = False  # render_last(...): colours and blends the last infer_frame() labels on the GPU
     stage_timings: bool = False  # last_timings: the backend's own split of its last call (extra keys, ms)
+    cuda_graph: bool = False  # set_cuda_graph(on): replays CUDA graphs (its cuda_graph option), switchable per call
 
 
 def option_flag(name: str) -> str:
@@ -171,6 +172,10 @@ class Backend(abc.ABC):
     def infer_frame(self, frame_bgr: np.ndarray) -> np.ndarray:
         """BGR uint8 frame -> model output, preprocessed by the backend (``capabilities.frame_input``)."""
         raise BackendError(f"the {self.label} backend takes preprocessed tensors only (capabilities.frame_input)")
+
+    def set_cuda_graph(self, on: bool) -> None:
+        """Replay CUDA graphs from the next call on, or not (``capabilities.cuda_graph``)."""
+        raise BackendError(f"the {self.label} backend has no CUDA graphs (capabilities.cuda_graph)")
 
     def render_last(self, alpha: float = 0.5, visible: list[int] | None = None,
                     view: str = "overlay") -> tuple[np.ndarray, np.ndarray]:

@@ -5,11 +5,15 @@ whichever thread makes it, so load() may run in one thread and infer() in anothe
 (page-locked host + device) are allocated once per input shape; copies and
 ``execute_async_v3`` run on the runner's own stream; only the label map comes back.
 close() frees the buffers, the kernels and then the TensorRT objects while the context is
-current, then pops and releases the context.
+current, then releases the context (``PrimaryContext.release``, from whichever thread closes).
+
+``cuda_graph``: inference and copy-out become one CUDA graph per input shape, replayed by
+infer() and infer_frame() alike (copy-in, or the preprocessing kernel, is queued before it).
 
 Timings: ``last_timings`` holds CUDA-event times of the last call under ``gpu_*`` names
-(``gpu_upload``, ``gpu_preprocess``, ``gpu_infer``, ``gpu_download``); the "infer" stage the
-Segmenter reports is the wall time of the call, as on every backend.
+(``gpu_upload``, ``gpu_preprocess``, ``gpu_infer``, ``gpu_download``; ``gpu_infer+download``
+for a graph replay); the "infer" stage the Segmenter reports is the wall time of the call, as on
+every backend.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ class TensorRTOptions(BuildOptions, BackendOptions):
     """The runner's own options, plus the build options (as `dilseg build`'s) that apply when an
     .onnx is run: how its engine is built and cached."""
 
-    cuda_graph: bool = False  # capture copy-in, inference and copy-out per input shape and replay it
+    cuda_graph: bool = False  # capture inference and copy-out once per input shape and replay it
     engine: str | Path | None = None  # where to cache the engine of an .onnx (default: beside it)
     rebuild: bool = False  # build even when the cached engine matches
     log: Callable[[str], None] | None = None  # where messages go (default: stderr)
@@ -76,6 +80,7 @@ class _Buffers:
     dev_out: object
     graph: CudaGraph | None = None
     graph_failed: str | None = None
+    replays: int = 0  # calls the graph served
 
     def free(self) -> None:
         if self.graph is not None:
@@ -85,6 +90,15 @@ class _Buffers:
         for h in (self.host_in, self.host_out):
             if getattr(h, "base", None) is not None:
                 h.base.free()
+
+
+def graph_step(enabled: bool, captured: bool, failed: bool) -> str:
+    """What one call does with its input shape's CUDA graph: "capture" (run plainly, then
+    capture), "replay" or "plain". The same on infer's and infer_frame's paths: copy-in or the
+    preprocessing kernel is queued before it either way."""
+    if not enabled or failed:
+        return "plain"
+    return "replay" if captured else "capture"
 
 
 Loader = Callable[[Any, Any], LoadedEngine]
@@ -100,7 +114,7 @@ class TensorRTBackend(Backend):
     artifacts = "a .engine/.plan from `dilseg build`, or an .onnx (built into an engine once and cached)"
     selection_hint = "add --backend tensorrt (dilseg then builds and caches an engine) or pass an .engine"
     Options = TensorRTOptions
-    capabilities = Capabilities(frame_input=True, gpu_render=True, stage_timings=True)
+    capabilities = Capabilities(frame_input=True, gpu_render=True, stage_timings=True, cuda_graph=True)
 
     def __init__(self, loader: Loader | str | Path, options: TensorRTOptions | None = None) -> None:
         options = options if options is not None else TensorRTOptions()
@@ -122,6 +136,7 @@ class TensorRTBackend(Backend):
         self._current_shape = None
         self._gpu_frame = self._pre = self._render = None
         self.gpu_preprocess_error: str | None = None  # why the CUDA kernels could not be used
+        self._use_graph = options.cuda_graph
 
     @staticmethod
     def loader_for(path: Path, options: TensorRTOptions) -> Loader:
@@ -234,12 +249,13 @@ class TensorRTBackend(Backend):
 
     # -- inference -------------------------------------------------------------------------
 
-    def _enqueue(self, bufs: _Buffers, upload: bool = True) -> None:
+    def _enqueue(self, bufs: _Buffers, between=None) -> None:
+        """Inference and copy-out on our stream (``between``: an event recorded between them)."""
         s = self._stream
-        if upload:
-            self.cuda.memcpy_htod_async(bufs.dev_in, bufs.host_in, s)
         if not self._context.execute_async_v3(s.handle):
             raise BackendError("TensorRT execute_async_v3 failed: " + " | ".join(self._logger.errors[-3:]))
+        if between is not None:
+            between.record(s)
         self.cuda.memcpy_dtoh_async(bufs.host_out, bufs.dev_out, s)
 
     def infer_impl(self, tensor: np.ndarray) -> np.ndarray:
@@ -252,42 +268,44 @@ class TensorRTBackend(Backend):
             self._run(bufs, upload=True)
             return bufs.host_out.copy()
 
+    def set_cuda_graph(self, on: bool) -> None:
+        """Replay CUDA graphs (or not) from the next call on; graphs already captured are kept."""
+        with self._lock:
+            self._use_graph = bool(on)
+
     def _run(self, bufs: _Buffers, upload: bool) -> None:
+        """Copy-in (``upload``: infer's host tensor; on infer_frame's path the preprocessing kernel
+        has already written the input), inference and copy-out, then wait. With CUDA graphs on,
+        inference and copy-out are one graph per input shape, captured at the shape's first call
+        and replayed after, on both paths."""
         e, s = self._events, self._stream
-        if self.options.cuda_graph and bufs.graph is None and bufs.graph_failed is None and upload:
-            self._capture(bufs)
-        if bufs.graph is not None and upload:
-            e[0].record(s)
-            bufs.graph.launch(s.handle)
-            e[3].record(s)
-            s.synchronize()
-            self.last_timings = {"gpu_upload+infer+download": e[3].time_since(e[0])}
-            return
         e[0].record(s)
         if upload:
             self.cuda.memcpy_htod_async(bufs.dev_in, bufs.host_in, s)
         e[1].record(s)
-        if not self._context.execute_async_v3(s.handle):
-            raise BackendError("TensorRT execute_async_v3 failed: " + " | ".join(self._logger.errors[-3:]))
-        e[2].record(s)
-        self.cuda.memcpy_dtoh_async(bufs.host_out, bufs.dev_out, s)
-        e[3].record(s)
-        s.synchronize()
-        t = {"gpu_infer": e[2].time_since(e[1]), "gpu_download": e[3].time_since(e[2])}
-        if upload:
-            t = {"gpu_upload": e[1].time_since(e[0]), **t}
-        self.last_timings = t
+        step = graph_step(self._use_graph, bufs.graph is not None, bufs.graph_failed is not None)
+        if step == "replay":
+            bufs.graph.launch(s.handle)
+            bufs.replays += 1
+            e[3].record(s)
+            s.synchronize()
+            t = {"gpu_infer+download": e[3].time_since(e[1])}
+        else:
+            self._enqueue(bufs, between=e[2])
+            e[3].record(s)
+            s.synchronize()
+            t = {"gpu_infer": e[2].time_since(e[1]), "gpu_download": e[3].time_since(e[2])}
+            if step == "capture":
+                self._capture(bufs)
+        self.last_timings = {"gpu_upload": e[1].time_since(e[0]), **t} if upload else t
 
     def _capture(self, bufs: _Buffers) -> None:
-        """Run once normally (TensorRT finishes shape-dependent setup), then capture copy-in,
-        inference and copy-out on our stream; later frames replay the graph."""
-        self._stream.synchronize()
-        self.cuda.memcpy_htod_async(bufs.dev_in, bufs.host_in, self._stream)
-        self._enqueue(bufs, upload=False)
-        self._stream.synchronize()
+        """Capture inference and copy-out on our (idle) stream, after a plain run of the same
+        shape (TensorRT finishes its shape-dependent setup in the first execute_async_v3); the
+        shape's later calls replay it."""
         graph = CudaGraph(BackendError)
         try:
-            graph.capture(self._stream.handle, lambda: self._enqueue(bufs, upload=True))
+            graph.capture(self._stream.handle, lambda: self._enqueue(bufs))
             bufs.graph = graph
         except Exception as exc:  # fall back to plain execution, once, with the reason kept
             graph.destroy()
