@@ -3,7 +3,7 @@
 Everything needed to resume lives in ``OUT/last.pt`` (model, EMA, optimizer, epoch, RNG
 state, config); ``OUT/best.safetensors`` holds the weights with the best selection mIoU,
 ``OUT/best.json`` their per-class scores, ``OUT/config.json`` the recipe and
-``OUT/log.csv`` one row per epoch.
+``OUT/log.csv`` one row per epoch; ``OUT/DONE`` appears when the schedule has run out.
 
 Selection: with ``holdout`` (a whole sequence held out, train and val frames of it), the
 held-out sequence picks the best epoch and the classic val split is only reported; its
@@ -45,7 +45,7 @@ from .weights import save_weights
 from .zoo import create_model
 
 THIN_CLASSES = ("Pole", "SignSymbol", "Fence", "Pedestrian")
-RUN_FILES = ("log.csv", "last.pt", "best.safetensors", "last.safetensors", "best.json", "config.json")
+RUN_FILES = ("log.csv", "last.pt", "best.safetensors", "last.safetensors", "best.json", "config.json", "DONE")
 # Settings that define what a run measures: resuming under other values would mix two runs.
 FIXED_ON_RESUME = ("model", "holdout", "train_splits", "seed")
 PER_INVOCATION = ("out", "data", "threads", "workers", "stop_after")  # free to change between sessions
@@ -363,4 +363,8 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
               + (f" (best {selector} {run.best:.4f})" if selector else "") + f" {train_time:.0f}s", flush=True)
     if last < cfg.epochs:
         print(f"stopping after epoch {last} of {cfg.epochs}; continue with --resume", flush=True)
+    else:
+        # The schedule has run out: resuming adds nothing (a longer one is a new run).
+        note = f"{cfg.epochs} epochs; best {selector or 'none'} mIoU {run.best:.4f}; {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n"
+        atomic_write(out / "DONE", lambda tmp: Path(tmp).write_text(note))
     return out / ("best.safetensors" if selector else "last.safetensors")

@@ -10,13 +10,15 @@
 # most the epoch in progress. The runs execute a snapshot of the committed code (git HEAD
 # when the script starts, unpacked under /tmp), so edits in the working tree while a run
 # goes on cannot break or change it. Environment: DATA (default ../shared/data/camvid),
-# THREADS (torch threads, default 1), NICE (default 15), PLAN (default training/plan.txt).
+# THREADS (torch threads, default 1), NICE (default 15), PLAN (default training/plan.txt),
+# RUNS (the folder of run folders, default training/runs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/camvid}
 THREADS=${THREADS:-1}
 NICE=${NICE:-15}
 PLAN=${PLAN:-training/plan.txt}
+RUNS=${RUNS:-training/runs}
 export TQDM_DISABLE=1  # one line per epoch in the logs, not a progress bar per step
 
 rev=$(git rev-parse --short HEAD)
@@ -33,9 +35,9 @@ echo "$(date -u +%FT%TZ) code: $rev (snapshot $SNAP)"
 while IFS='|' read -r name args; do
     name=$(echo "$name" | xargs)
     [[ -z "$name" || "$name" == \#* ]] && continue
-    dir=training/runs/$name
+    dir=$RUNS/$name
     if [[ -f "$dir/DONE" ]]; then
-        echo "$(date -u +%FT%TZ) $name finished earlier ($(cat "$dir/DONE")); skipped"
+        echo "$(date -u +%FT%TZ) $name finished earlier ($(tr -d '\n' < "$dir/DONE")); skipped"
         continue
     fi
     mkdir -p "$dir"
@@ -44,12 +46,13 @@ while IFS='|' read -r name args; do
     if ! nice -n "$NICE" python3 -P -m dilseg.runtime.cli train --data "$DATA" --out "$dir" --resume \
             --threads "$THREADS" $args < /dev/null >> "$dir/train.log" 2>&1; then
         echo "$(date -u +%FT%TZ) $name failed (see $dir/train.log); going on with the next run" | tee -a "$dir/train.log"
-    else
-        # Finished: the schedule ran to its last epoch. Its 16 MB resume state would only
+    elif [[ -f "$dir/DONE" ]]; then
+        # The trainer wrote DONE: the schedule ran out. Its 16 MB resume state would only
         # weigh on every clone; best/last weights, log and best.json stay.
-        echo "$(date -u +%FT%TZ) at $rev" > "$dir/DONE"
         rm -f "$dir/last.pt"
-        echo "$(date -u +%FT%TZ) $name finished" | tee -a "$dir/train.log"
+        echo "$(date -u +%FT%TZ) $name finished ($(tr -d '\n' < "$dir/DONE"))" | tee -a "$dir/train.log"
+    else
+        echo "$(date -u +%FT%TZ) $name stopped before the end of its schedule (--stop-after)" | tee -a "$dir/train.log"
     fi
 done < "$PLAN"
 echo "$(date -u +%FT%TZ) plan finished"
