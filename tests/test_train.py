@@ -317,3 +317,27 @@ def test_ohem_trains_on_the_hard_pixels_only() -> None:
     assert torch.isfinite(segmentation_loss(easy, torch.zeros(1, 1, 4, dtype=torch.long), None, 11, ohem_p=0.7))
     smooth = segmentation_loss(logits, target, weight, 11, label_smoothing=0.1)
     assert float(smooth) != pytest.approx(float(plain))
+
+
+@needs_camvid
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[1] / ".git").exists(), reason="needs a git checkout (the "
+                    "background script trains from a snapshot of HEAD)")
+def test_background_plan_resumes_runs_and_skips_finished_ones(tmp_path) -> None:
+    script = Path(__file__).resolve().parents[1] / "scripts" / "train_background.sh"
+    tiny_args = "--model edge_s --max-train-images 4 --max-val-images 2 --batch-size 2 --crop 64x96 --epochs 2"
+    env = {**os.environ, "DATA": str(CAMVID), "RUNS": str(tmp_path / "runs"), "NICE": "0"}
+
+    def plan(text: str) -> subprocess.CompletedProcess:
+        (tmp_path / "plan.txt").write_text(text)
+        return subprocess.run([str(script)], capture_output=True, text=True, env={**env, "PLAN": str(tmp_path / "plan.txt")})
+
+    run = tmp_path / "runs" / "tiny"
+    r = plan(f"# comment\ntiny | {tiny_args} --stop-after 1\n")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "stopped before the end" in r.stdout and (run / "last.pt").exists() and not (run / "DONE").exists()
+    r = plan(f"tiny | {tiny_args}\ntiny | {tiny_args}\n")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "tiny finished (2 epochs" in r.stdout and "skipped" in r.stdout
+    assert [row["epoch"] for row in csv.DictReader(open(run / "log.csv"))] == ["1", "2"]
+    assert (run / "DONE").exists() and not (run / "last.pt").exists()  # the resume state goes with the schedule
+    assert "resumed" in (run / "train.log").read_text()
