@@ -56,7 +56,11 @@ def test_verify_passes_real_variants_within_thresholds(tmp_path_factory, tmp_pat
     code, d = verify_json(tmp_path, reference, candidate, "--min-agreement", min_agreement,
                           "--max-miou-drop", max_drop)
     assert code == 0 and d["passed"] and d["failures"] == []
-    assert float(min_agreement) <= d["agreement"] < 100 or precision == "fp16"
+    # A real variant differs from fp32 somewhere (< 100: not a copy of it) and agrees as closely as its
+    # precision allows: fp16 only flips near-ties (99.94 % here; 99.9 is tighter than its pass
+    # threshold), int8 at least the pass threshold.
+    floor = 99.9 if precision == "fp16" else float(min_agreement)
+    assert floor <= d["agreement"] < 100, f"{precision}: agreement {d['agreement']}"
     assert abs(d["miou_delta"]) <= float(max_drop)
     table = capsys.readouterr().out
     assert "argmax agreement" in table and "PASS" in table and "Road" in table
