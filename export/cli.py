@@ -36,8 +36,8 @@ TRAIN_EPILOG = """\
 examples:
   dilseg train --model edge_m --data ../shared/data/camvid --out runs/edge_m
   dilseg train --model edge_m --data ../shared/data/camvid --out runs/edge_m --resume
-  dilseg train --model edge_m --data ../shared/data/camvid --out runs/m_strong --holdout 0006R0 \
-      --epochs 200 --scale 0.5-2.0 --photometric --thin-sampling 0.3 --ema 0.999 --workers 2
+  dilseg train --model edge_m --data ../shared/data/camvid --out training/runs/strong --holdout 0006R0 \\
+      --epochs 200 --scale 0.5-2.0 --photometric --thin-sampling 0.25 --ema 0.998 --workers 2
   dilseg train --model edge_s --data DIR --epochs 2 --max-train-images 16   # smoke run
 
 DIR holds train/{images,labels} and val/{images,labels} (labels as 8-bit PNG class ids)
