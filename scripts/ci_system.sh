@@ -56,6 +56,22 @@ else
   step "venv $VENV up to date"
 fi
 
+# nvcc, so the pycuda kernels are compiled by NVIDIA's compiler as pycuda would (test_trt_kernels):
+# where the machine has no CUDA toolkit, CUDA 13.0's compiler from NVIDIA's PyPI wheels (no GPU
+# needed), linked as /usr/local/cuda where tests/servers.py's find_nvcc looks.
+t0=$SECONDS
+if command -v nvcc >/dev/null 2>&1 || [ -x /usr/local/cuda/bin/nvcc ]; then
+  step "nvcc present"
+elif [ ! -e /usr/local/cuda ]; then
+  CUDA_WHEELS=/opt/dilseg-cuda-13.0
+  python3 "${PIP[@]}" --no-deps --target "$CUDA_WHEELS" nvidia-cuda-nvcc==13.0.88 nvidia-cuda-crt==13.0.88 \
+    nvidia-nvvm==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85
+  ln -s "$CUDA_WHEELS/nvidia/cu13" /usr/local/cuda
+  step "nvcc $(/usr/local/cuda/bin/nvcc --version | tail -n1) from PyPI wheels"
+else
+  step "no nvcc (/usr/local/cuda exists without bin/nvcc): the nvcc kernel test skips"
+fi
+
 # Fail here, with the reason, rather than in the middle of the tests.
 /usr/bin/python3 tests/rtsp_server.py --check
 "$VENV/bin/python" -c "import cv2, dilseg.runtime.sources as s; assert s.has_gstreamer(), cv2.getBuildInformation()"
