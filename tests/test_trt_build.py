@@ -234,9 +234,9 @@ def test_a_refused_timing_cache_is_left_as_it_is_with_a_warning(tmp_path):
 
 
 def test_no_timing_cache_after_the_build_is_a_warning_not_an_attribute_error(tmp_path):
-    from dilseg.runtime.trt.build import serialized_timing_cache
+    from dilseg.runtime.trt.build import timing_cache_bytes
 
-    data, problem = serialized_timing_cache(None, tmp_path / "t.cache")  # get_timing_cache() returned None
+    data, problem = timing_cache_bytes(None, tmp_path / "t.cache")  # get_timing_cache() returned None
     assert data == b"" and "TensorRT returned no timing cache after the build" in problem
     assert f"{tmp_path / 't.cache'} is not written (the engine is)" in problem
 

@@ -464,9 +464,21 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
     config.add_optimization_profile(profile)
 
     cache_path = Path(options.timing_cache) if options.timing_cache else None
-    # The attached cache must outlive the build (TensorRT does not own it): held here.
-    timing_cache, write_cache = attach_timing_cache(config, cache_path, logger, caps.version, log) \
-        if cache_path else (None, False)
+    timing_cache, write_cache = None, False  # the attached cache must outlive the build: held here
+    if cache_path:
+        with os_errors_as(BuildError, cache_path, "read the timing cache"):
+            cache_bytes = cache_path.read_bytes() if cache_path.is_file() else b""
+        seen, accepted = len(logger.errors), False
+        try:
+            timing_cache = config.create_timing_cache(cache_bytes)
+            # ignore_mismatch=False: a cache from another TensorRT or GPU is refused, not merged in.
+            accepted = timing_cache is not None and bool(config.set_timing_cache(timing_cache, False))
+        except (RuntimeError, TypeError, ValueError):  # pybind11's translations of TensorRT's refusals
+            pass
+        write_cache, warning = timing_cache_plan(cache_path, bool(cache_bytes), accepted, str(caps.version),
+                                                 " | ".join(logger.errors[seen:][:2]))
+        if warning:
+            log(f"warning: {warning}")
 
     bars = PhaseBars(enabled=options.progress)
     # TensorRT does not own the monitor: it must outlive the build, so it is held here.
@@ -490,7 +502,8 @@ def build_engine(onnx_path: str | Path, engine_path: str | Path, options: BuildO
                    dla_core=options.dla_core)
     check_engine_io(io, prepared.info.meta)
     if write_cache:
-        data, problem = serialized_timing_cache(config.get_timing_cache(), cache_path)
+        built_cache = config.get_timing_cache()  # None when TensorRT kept none
+        data, problem = timing_cache_bytes(built_cache.serialize() if built_cache is not None else None, cache_path)
         if problem:
             log(f"warning: {problem}")
         else:
@@ -529,30 +542,9 @@ def timing_cache_plan(path: Path, had_data: bool, accepted: bool, version: str,
                    f"one, and {path} is not written")
 
 
-def attach_timing_cache(config: Any, path: Path, logger: Any, version: str,
-                        log: Callable[[str], None]) -> tuple[Any, bool]:
-    """Give the build the timing cache kept at ``path`` (a new one if the file is missing).
-    Returns (the attached cache, which the caller keeps until the build ends, or None; whether the
-    build's cache is to be written back to ``path``)."""
-    with os_errors_as(BuildError, path, "read the timing cache"):
-        data = path.read_bytes() if path.is_file() else b""
-    cache, accepted, seen = None, False, len(logger.errors)
-    try:
-        cache = config.create_timing_cache(data)
-        # ignore_mismatch=False: a cache from another TensorRT or GPU is refused, not merged in.
-        accepted = cache is not None and bool(config.set_timing_cache(cache, False))
-    except (RuntimeError, TypeError, ValueError):  # pybind11's translations of TensorRT's refusals
-        pass
-    write_back, warning = timing_cache_plan(path, bool(data), accepted, version, " | ".join(logger.errors[seen:][:2]))
-    if warning:
-        log(f"warning: {warning}")
-    return cache, write_back
-
-
-def serialized_timing_cache(cache: Any, path: Path) -> tuple[bytes, str | None]:
-    """The bytes of the build's timing cache (``config.get_timing_cache()``, None when TensorRT
-    kept none), or a warning saying why ``path`` is not written."""
-    memory = cache.serialize() if cache is not None else None
+def timing_cache_bytes(memory: Any, path: Path) -> tuple[bytes, str | None]:
+    """The bytes of the build's serialized timing cache (None where ``get_timing_cache()`` gave
+    none), or a warning saying why ``path`` is not written."""
     if memory is None:
         return b"", (f"--timing-cache {path}: TensorRT returned no timing cache after the build, so {path} is not "
                      "written (the engine is)")
