@@ -150,6 +150,7 @@ def precisions(args: argparse.Namespace, model: Path, machine) -> dict:
     xg = np.random.default_rng(1).standard_normal((1, ROOF_CHANNELS, *ROOF_MAP)).astype(np.float32)
     so = ort.SessionOptions()
     so.intra_op_num_threads = os.cpu_count() or 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")  # as the ONNX Runtime backend runs
     roof_fns = {}
     for kind in ("fp32", "int8"):
         sess = ort.InferenceSession(graphs[kind], so, providers=["CPUExecutionProvider"])
