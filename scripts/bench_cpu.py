@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--frames", type=int, default=150, help="measured frames per end-to-end run")
     p.add_argument("--warmup", type=int, default=15)
     p.add_argument("--runs", type=int, default=60, help="timed inferences per precision (median)")
+    p.add_argument("--only", choices=["e2e", "precisions"], help="run one of the two parts")
     p.add_argument("--json", metavar="FILE")
     return p.parse_args(argv)
 
@@ -186,22 +187,30 @@ def main(argv: list[str] | None = None) -> int:
     model = Path(args.model)
     machine = detect()
     t0 = time.time()
-    e2e = end_to_end(args, model)
-    prec = precisions(args, model, machine)
-    print(f"CPU: {machine.describe()}, {os.cpu_count()} cores; {e2e['choice']}")
-    print(f"{args.rounds} alternating rounds of {args.frames} frames (+{args.warmup} warm-up); "
-          f"test:// frames; sink none, overlay rendered; {time.time() - t0:.0f} s in all")
+    e2e = end_to_end(args, model) if args.only != "precisions" else None
+    prec = precisions(args, model, machine) if args.only != "e2e" else None
+    print(f"CPU: {machine.describe()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}; "
+          f"{pick(model).describe()}")
+    print(f"{time.time() - t0:.0f} s in all")
+    if prec:
+        print()
+        print(f"| runtime, precision | ms | FPS | GFLOP/s ({prec['gflops']} GFLOPs) | measured roof GFLOP/s | of roof |")
+        print("|---|---|---|---|---|---|")
+        for label, r in prec["rows"].items():
+            print(f"| {label} | {r['ms']:.1f} | {r['fps']:.1f} | {r['gflops_per_s']:.0f} | "
+                  f"{r['roof_gflops_per_s']:.0f} ({r['roof']}) | {100 * r['fraction_of_roof']:.0f}% |")
+    if not e2e:
+        if args.json:
+            Path(args.json).write_text(json.dumps({"machine": machine.describe(), "precisions": prec}, indent=2) + "\n")
+        return 0
+    print()
+    print(f"{args.rounds} alternating rounds of {args.frames} frames (+{args.warmup} warm-up); test:// frames; "
+          "sink none, overlay rendered")
     print()
     print("| path @ frame size | end-to-end FPS | raw inference FPS | e2e / raw | render p50 ms |")
     print("|---|---|---|---|---|")
     for name, r in e2e["rows"].items():
         print(f"| {name} | {r['e2e_fps']:.1f} | {r['raw_fps']:.1f} | {r['e2e_over_raw']:.2f} | {r['render_p50_ms']:.2f} |")
-    print()
-    print(f"| runtime, precision | ms | FPS | GFLOP/s ({prec['gflops']} GFLOPs) | measured roof GFLOP/s | of roof |")
-    print("|---|---|---|---|---|---|")
-    for label, r in prec["rows"].items():
-        print(f"| {label} | {r['ms']:.1f} | {r['fps']:.1f} | {r['gflops_per_s']:.0f} | "
-              f"{r['roof_gflops_per_s']:.0f} ({r['roof']}) | {100 * r['fraction_of_roof']:.0f}% |")
     rows = e2e["rows"]
     speedup = rows["default (auto) @ 360x480"]["e2e_fps"] / rows["onnxruntime fp32 @ 360x480"]["e2e_fps"]
     checks = [
