@@ -46,27 +46,34 @@ class Segmenter:
         self._gpu_lock = threading.Lock()
 
     def process(self, frame: np.ndarray) -> Segmentation:
+        """Segment one BGR uint8 frame. Timings (ms) mean the same on every backend:
+        "preprocess" is the frame made into the model's input, by the CPU or, on a frame-input
+        backend, by the backend itself (its own split); "infer" is the wall time of the rest of
+        the backend call; "postprocess" the labels brought to the frame's size. A backend with
+        ``stage_timings`` adds its own split under its own names."""
         caps = self.backend.capabilities
         frame_input = caps.frame_input
         t0 = time.perf_counter()
         if frame_input:
             # The uint8 frame crosses the bus once and a CUDA kernel resizes and normalises it
             # straight into the engine's input buffer.
-            t1 = t0
             with self._gpu_lock:
                 output = self.backend.infer_frame(frame)
+                own = dict(self.backend.last_timings) if caps.stage_timings else {}
+                pre_ms = self.backend.own_preprocess_ms()
                 self._last = marker = Segmentation(np.empty((0, 0), np.uint8), {}, frame)
+            call_ms = (time.perf_counter() - t0) * 1e3
         else:
             tensor = preprocess(frame, self.meta)
             t1 = time.perf_counter()
             output = self.backend.infer(tensor)
+            own = dict(self.backend.last_timings) if caps.stage_timings else {}
+            pre_ms, call_ms = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
         t2 = time.perf_counter()
         labels = postprocess(output, self.meta, frame.shape)
-        t3 = time.perf_counter()
-        timings = {"preprocess": (t1 - t0) * 1e3, "infer": (t2 - t1) * 1e3, "postprocess": (t3 - t2) * 1e3}
-        if caps.stage_timings:
-            # A backend that splits its own time (TensorRT: upload/infer/download) reports it too.
-            timings.update(self.backend.last_timings)
+        postprocess_ms = (time.perf_counter() - t2) * 1e3
+        infer_ms = max(0.0, call_ms - pre_ms) if frame_input else call_ms
+        timings = {"preprocess": pre_ms, "infer": infer_ms, "postprocess": postprocess_ms, **own}
         result = Segmentation(labels, timings, frame)
         if frame_input:
             with self._gpu_lock:

@@ -230,3 +230,42 @@ def test_latest_sink_publishes_each_result_and_a_swapped_view_applies_to_later_f
         want = ViewSettings("mask" if r.index <= 2 else "side-by-side")  # drawn after on_result(2)
         assert r.rendered.shape == ((64, 96, 3) if want.view == "mask" else (64, 192, 3)), r.index
         np.testing.assert_array_equal(r.rendered, want.render(r.frame, r.labels, r.meta))
+
+
+def test_stage_timings_mean_the_same_on_a_backend_that_preprocesses_frames_itself(small_onnx) -> None:
+    """A frame-input backend (TensorRT with GPU preprocessing, or its CPU fallback when there is
+    no nvcc) preprocesses inside infer_frame and reports that time in its own split; the
+    Segmenter's "preprocess" is that time, and "infer" the rest of the call, as on ONNX Runtime."""
+    from dilseg.runtime.backends.base import Capabilities
+    from dilseg.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from dilseg.runtime.preprocess import preprocess
+
+    class FrameInputBackend(OnnxRuntimeBackend):  # what TensorRT's runner does without nvcc
+        capabilities = Capabilities(frame_input=True, stage_timings=True)
+
+        def infer_frame(self, frame_bgr):
+            t0 = time.perf_counter()
+            tensor = preprocess(frame_bgr, self.meta)
+            time.sleep(0.02)  # a preprocessing step long enough to tell from inference
+            pre_ms = (time.perf_counter() - t0) * 1e3
+            output = self.infer(tensor)
+            self.last_timings = {"host_preprocess": pre_ms, "backend_infer": 1.0}
+            return output
+
+    frame = test_frame(3, 160, 120)
+    plain = Segmenter(open_backend(small_onnx, threads=1))
+    framed = Segmenter(FrameInputBackend(small_onnx, threads=1).load())
+    for _ in range(2):
+        t0 = time.perf_counter()
+        result = framed.process(frame)
+        wall_ms = (time.perf_counter() - t0) * 1e3
+        own = framed.backend.last_timings
+        assert result.timings["preprocess"] == own["host_preprocess"] >= 20.0
+        assert result.timings["backend_infer"] == 1.0  # the backend's own split is kept beside
+        assert 0.0 < result.timings["infer"] < wall_ms - own["host_preprocess"]
+        assert result.timings["preprocess"] + result.timings["infer"] + result.timings["postprocess"] <= wall_ms
+    np.testing.assert_array_equal(result.labels, plain.process(frame).labels)
+    # A backend without its own split reports no preprocessing of its own.
+    assert plain.backend.own_preprocess_ms() == 0.0
+    framed.close()
+    plain.close()

@@ -31,8 +31,13 @@ class Capabilities:
 
     frame_input: bool = False  # infer_frame(bgr): uploads the frame once and preprocesses it on the GPU
     gpu_render: bool = False  # render_last(...): colours and blends the last infer_frame() labels on the GPU
-    stage_timings: bool = False  # last_timings: the backend's own split of its last call (extra keys, ms)
+    # last_timings: the backend's own split of its last call (extra keys, ms); keys ending in
+    # "preprocess" are preprocessing it did itself (see Backend.own_preprocess_ms).
+    stage_timings: bool = False
     cuda_graph: bool = False  # set_cuda_graph(on): replays CUDA graphs (its cuda_graph option), switchable per call
+
+
+PREPROCESS_TIMING = "preprocess"  # the ending of a last_timings key that times the backend's own preprocessing
 
 
 def option_flag(name: str) -> str:
@@ -172,6 +177,15 @@ class Backend(abc.ABC):
     def infer_frame(self, frame_bgr: np.ndarray) -> np.ndarray:
         """BGR uint8 frame -> model output, preprocessed by the backend (``capabilities.frame_input``)."""
         raise BackendError(f"the {self.label} backend takes preprocessed tensors only (capabilities.frame_input)")
+
+    def own_preprocess_ms(self) -> float:
+        """Milliseconds of the last call that the backend spent preprocessing itself (its
+        ``last_timings`` keys ending in ``preprocess``: ``gpu_preprocess``, ``host_preprocess``);
+        0 when it declares no ``stage_timings``. A frame-input backend reports its preprocessing
+        with this, so "preprocess" and "infer" mean the same on every backend."""
+        if not self.capabilities.stage_timings:
+            return 0.0
+        return sum(ms for key, ms in self.last_timings.items() if key.endswith(PREPROCESS_TIMING))
 
     def set_cuda_graph(self, on: bool) -> None:
         """Replay CUDA graphs from the next call on, or not (``capabilities.cuda_graph``)."""
