@@ -218,7 +218,7 @@ def server_panel(spec: str, viewer: str, visible) -> None:
     latest = worker.latest()
     stats = worker.stats()
     show_panel(stats, latest.labels if latest else None, latest.meta if latest else worker.segmenter.meta,
-               visible, displayed=stats["viewers"].get(viewer, {}))
+               visible, displayed=worker.viewer_stats(viewer))
     st.caption(f"{stats['connections']} open stream(s) share this source.")
 
 

@@ -151,11 +151,19 @@ class Publisher(LatestSink):
         result.timings["render"] = result.timings.get("render", 0.0) + drawn * 1e3
         return Published(self.seq + 1, result, jpegs)
 
-    def viewer_stats(self) -> dict[str, dict]:
+    def viewer_stats(self) -> list[dict]:
+        """Each viewer's counters, without its id: a viewer's id is what ends its stream, so it
+        is never shown (a page asks for its own viewer's with ``viewer_snapshot``)."""
         with self._cond:
-            streams = [s.viewer or "anonymous" for s in self._streams]
-            meters = dict(self._meters)
-        return {name: {**m.snapshot(), "streams": streams.count(name)} for name, m in meters.items()}
+            names = list(self._meters)
+        return [self.viewer_snapshot(name) for name in names]
+
+    def viewer_snapshot(self, viewer: str) -> dict:
+        """One viewer's counters and open streams ({} for a viewer never seen)."""
+        with self._cond:
+            meter = self._meters.get(viewer)
+            streams = sum((s.viewer or "anonymous") == viewer for s in self._streams)
+        return {**meter.snapshot(), "streams": streams} if meter is not None else {}
 
 
 def redact(spec: str) -> str:
@@ -230,6 +238,10 @@ class CameraWorker:
     def release(self, viewer: str) -> int:
         return self.publisher.release(viewer)
 
+    def viewer_stats(self, viewer: str) -> dict:
+        """What ``viewer`` was shown (frames, FPS, latency) and its open streams."""
+        return self.publisher.viewer_snapshot(viewer)
+
     def latest(self) -> Published | None:
         return self.publisher.latest()
 
@@ -274,7 +286,7 @@ class CameraWorker:
             "views": len(self.publisher.views()),  # distinct pictures drawn per frame
             "latest_index": latest.index if latest else None,
             **self.pipeline.counters(),  # frames_in/out, dropped, corrupt_skipped, reopens (ints)
-            "viewers": self.publisher.viewer_stats(),
+            "viewers": self.publisher.viewer_stats(),  # per viewer, without ids
             **self.meter.snapshot(),
         }
 

@@ -123,7 +123,8 @@ class WebcamProcessor:
         return out
 
 
-def stats() -> dict:
+def stats() -> list[dict]:
+    """Each browser webcam's counters, without its session id (the id that ends its streams)."""
     with _lock:
         processors = list(_processors.values())
-    return {p.session: {**p.meter.snapshot(), "error": p.error} for p in processors}
+    return [{**p.meter.snapshot(), "error": p.error} for p in processors]

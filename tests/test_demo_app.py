@@ -8,6 +8,7 @@ never written down.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from pathlib import Path
@@ -591,7 +592,12 @@ def test_a_viewer_holds_one_stream_and_abandoned_views_are_not_drawn(routes_serv
         read_mjpeg_frames(response, 1000)  # returns at the end of the response (an open one would time out)
         assert response.read() == b""
     stats = worker.stats()
-    assert stats["connections"] == 2 and stats["viewers"]["tab-a"]["streams"] == 1
+    assert stats["connections"] == 2 and worker.viewer_stats("tab-a")["streams"] == 1
+    # The counters anyone can read name no viewer: a tab's id would let a reader end its stream.
+    _, public = get_json(routes_server + "/dilseg/stats.json")
+    shown = public["cameras"]["workers"][spec]
+    assert "tab-a" not in json.dumps(public) and "tab-b" not in json.dumps(public)
+    assert sorted(v["streams"] for v in shown["viewers"]) == [1, 1]
     assert {s.settings.view for s in worker.publisher._streams} == {"mask", "overlay"}
     assert stats["views"] == 2  # mask (tab a) and overlay (tab b): nothing drawn for abandoned views
     last = read_mjpeg_frames(tab_a[-1][1], 1)[0]

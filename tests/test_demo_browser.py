@@ -198,7 +198,7 @@ def test_browser_webcam_comes_back_segmented(server, browser, segmenter):
         webrtc.get_by_role("button", name="START").click(timeout=60_000)
 
         def processed() -> int:
-            return max([s["frames"] for s in get_stats(server)["webcam"].values()] or [0])
+            return max([s["frames"] for s in get_stats(server)["webcam"]] or [0])
 
         first = wait_for(lambda: processed() >= 10 and processed(), 60, "the server to process webcam frames")
         wait_for(lambda: processed() > first + 10, 30, "the processed-frame count to keep advancing")
@@ -253,7 +253,7 @@ def worker_stats(server: str, spec: str) -> dict:
 
 def frames_shown(server: str, spec: str) -> int:
     """MJPEG frames sent to every viewer of ``spec`` so far."""
-    return sum(v["frames"] for v in worker_stats(server, spec).get("viewers", {}).values())
+    return sum(v["frames"] for v in worker_stats(server, spec).get("viewers", []))
 
 
 def test_server_camera_is_shared_segmented_and_fast(server, browser, segmenter):
@@ -314,7 +314,7 @@ def test_server_camera_is_shared_segmented_and_fast(server, browser, segmenter):
         wait_for(lambda: worker().get("connections") == 2 and len(worker()["viewers"]) == 2, 30,
                  "the second tab's stream")
         v2 = viewers_frames()
-        wait_for(lambda: all(v["frames"] > 5 for v in worker()["viewers"].values()) and viewers_frames() > v2 + 20,
+        wait_for(lambda: all(v["frames"] > 5 for v in worker()["viewers"]) and viewers_frames() > v2 + 20,
                  30, "both tabs to receive frames")
         assert get_stats(server)["cameras"]["opened"][spec] == opened == 1
         second.screenshot(path=str(ARTIFACTS / "demo_browser_server_camera_tab2.png"), full_page=True)
@@ -367,7 +367,7 @@ def test_view_changes_hold_one_stream_per_tab_and_stop_closes_it(server, browser
 
         def one_stream():
             w = worker()
-            viewers = [v for v in w.get("viewers", {}).values() if v["streams"]]
+            viewers = [v for v in w.get("viewers", []) if v["streams"]]
             return w.get("connections") == 1 and len(viewers) == 1 and viewers[0]["streams"] == 1 and w["views"] == 1
         wait_for(one_stream, 20, "the server to hold one stream for the tab")
         # Still live after the changes: new frames arrive and the picture moves.
