@@ -68,7 +68,7 @@ streams.CONTENDERS["triton"] = ("(c) N `dilseg run` clients of one Triton", trit
 streams.CONTENDERS["triton-multistream"] = ("(d) one `dilseg run`, N sources, on Triton", triton_multistream)
 
 
-def hop_cost(model: str, url: str, frames: int) -> dict:
+def hop_cost(model: str, url: str, frames: int, threads: int = 0) -> dict:
     """Per-frame time of Segmenter.process (preprocess, infer, postprocess) in-process on ONNX
     Runtime and through Triton with and without shared memory, round robin frame by frame."""
     import cv2
@@ -79,7 +79,8 @@ def hop_cost(model: str, url: str, frames: int) -> dict:
     camvid = REPO.parent / "shared" / "data" / "camvid" / "val" / "images"
     paths = sorted(camvid.iterdir())[:10] if camvid.is_dir() else []
     pics = [cv2.imread(str(p)) for p in paths] or [np.random.default_rng(0).integers(0, 255, (360, 480, 3), np.uint8)]
-    contenders = {"in-process ONNX Runtime": Segmenter(open_backend(model, "onnxruntime")),
+    local = open_backend(model, "onnxruntime", **({"threads": threads} if threads else {}))
+    contenders = {"in-process ONNX Runtime": Segmenter(local),
                   "Triton gRPC": Segmenter(open_backend(url)),
                   "Triton gRPC + shared memory": Segmenter(open_backend(url, shared_memory=True))}
     times: dict[str, list[float]] = {k: [] for k in contenders}
@@ -114,7 +115,7 @@ def server_side(before: dict, after: dict) -> dict:
     return {"requests": n, **spent}
 
 
-def start_server(model: Path, repo: Path, max_batch: int):
+def start_server(model: Path, repo: Path, max_batch: int, threads: int = 0):
     import subprocess
 
     sys.path.insert(0, str(REPO / "tests"))
@@ -125,7 +126,8 @@ def start_server(model: Path, repo: Path, max_batch: int):
     if reason:
         raise SystemExit(f"cannot start tritonserver: {reason}; run `bash scripts/ci_system.sh` or pass --url")
     subprocess.run(streams.DILSEG + ["export", "triton", str(model), "-o", str(repo), "--platform", "python",
-                                     "--max-batch-size", str(max_batch)], check=True, stdout=subprocess.DEVNULL)
+                                     "--max-batch-size", str(max_batch), "--threads", str(threads)], check=True,
+                   stdout=subprocess.DEVNULL)
     return TritonServer(repo, venv=venv, log_path=repo.parent / "tritonserver.log").start()
 
 
@@ -137,6 +139,8 @@ def main() -> None:
     ap.add_argument("--model", default="", help="the .onnx every contender runs (default: see above)")
     ap.add_argument("--streams", default="1,2,4,8")
     ap.add_argument("--hop-only", action="store_true", help="only the network hop at N=1, no stream rows")
+    ap.add_argument("--hop-threads", type=int, default=0,
+                    help="ONNX Runtime threads in-process and in the server for the hop (default: the backends')")
     mine, rest = ap.parse_known_args()
     if "-h" in rest or "--help" in rest:
         ap.print_help()
@@ -154,7 +158,7 @@ def main() -> None:
         if mine.url:
             SERVED["url"] = mine.url
         else:
-            server = start_server(model, Path(tmp.name) / "repo", max(8, max(counts)))
+            server = start_server(model, Path(tmp.name) / "repo", max(8, max(counts)), mine.hop_threads)
             from dilseg.runtime.artifact import read_meta
 
             SERVED["url"] = f"triton://{server.grpc_url}/{read_meta(model).model}"
@@ -165,14 +169,15 @@ def main() -> None:
                         "onnxruntime"]
             streams.main()
         print(f"... network hop, {mine.hop_frames} frames each", file=sys.stderr, flush=True)
-        hop, server_ms = hop_cost(str(model), SERVED["url"], mine.hop_frames)
+        hop, server_ms = hop_cost(str(model), SERVED["url"], mine.hop_frames, mine.hop_threads)
     finally:
         if server is not None:
             server.stop()
         tmp.cleanup()
     load = "load average {:.1f} {:.1f} {:.1f}, nice {}".format(*os.getloadavg(), os.nice(0))
-    print(f"\nthe network hop at N=1 ({streams.machine()}, {load}; {model.name}; every frame segmented by each "
-          f"contender in turn, {mine.hop_frames} frames each)\n")
+    threads = f"{mine.hop_threads} ONNX Runtime thread(s) on both sides" if mine.hop_threads else "default threads"
+    print(f"\nthe network hop at N=1 ({streams.machine()}, {load}; {model.name}, {threads}; every frame segmented by "
+          f"each contender in turn, {mine.hop_frames} frames each)\n")
     print(f"{'per frame: preprocess + infer + postprocess':<44}{'p50 ms':>9}{'p95 ms':>9}{'hop (p50) ms':>14}")
     for name, h in hop.items():
         print(f"{name:<44}{h['p50_ms']:>9.2f}{h['p95_ms']:>9.2f}{h['hop_ms']:>14.2f}")
