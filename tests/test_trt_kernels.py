@@ -268,6 +268,7 @@ def test_render_kernel_source_on_cpu(host_kernels, alpha, visible, view):
 
 # -- the kernel source compiled by NVIDIA's compiler, as pycuda compiles it (no GPU needed) ----------
 
+@pytest.mark.nvcc
 @pytest.mark.parametrize("arch", ["sm_87", "sm_90"])  # Jetson Orin, Hopper
 def test_kernels_compile_with_nvcc_as_pycuda_does(nvcc, tmp_path, arch):
     """``SourceModule(KERNELS, no_extern_c=True)`` runs ``nvcc --cubin -arch sm_XX kernel.cu`` on the
