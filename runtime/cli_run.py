@@ -233,12 +233,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise CliError(f"--warmup {args.warmup}: must be >= 0")
     sources = args.source or ["test://"]
     model = resolve_model(args.model)
-    if len(sources) > 1 or args.mosaic:
+    if len(sources) > 1 or args.mosaic or args.max_batch is not None or args.instances is not None:
         from .cli_multistream import run_streams
 
         return run_streams(args, sources, model)
-    if args.max_batch is not None or args.instances is not None:
-        raise CliError("--max-batch and --instances are for several sources (repeat --source)")
     args.source = sources[0]
     from .cli_eval import check_json_target
     from .output_guard import check_outputs
@@ -395,12 +393,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_json_target(args.json)  # before the benchmark, not after it
     sources = args.source or [DEFAULT_BENCH_SOURCE]
     model = resolve_model(args.model)
-    if len(sources) > 1:
+    if len(sources) > 1 or args.max_batch is not None or args.instances is not None:
         from .cli_multistream import bench_streams
 
         return bench_streams(args, sources, model)
-    if args.max_batch is not None or args.instances is not None:
-        raise CliError("--max-batch and --instances are for several sources (repeat --source)")
     args.source = sources[0]
     with contextlib.ExitStack() as stack:
         source = stack.enter_context(open_source(args.source))

@@ -6,9 +6,13 @@ latency for N = 1, 2, 4, 8 live test:// streams through each contender, interlea
 
 Contenders (a function each, in CONTENDERS; another script can add its own with the same
 signature, e.g. N clients of a Triton server):
-  processes    N separate `dilseg run --source test://...` processes (one stream each)
-  multistream  one `dilseg run` with N --source: one backend, the streams' frames batched
-               (the model's batch axis freed with `dilseg export onnx --from M --batch dynamic`)
+  processes         N separate `dilseg run --source test://...` processes (one stream each)
+  processes-1t      the same with --threads 1 (one ONNX Runtime thread per process)
+  multistream       one `dilseg run` with N --source: one backend, the streams' frames batched
+                    (the model's batch axis freed with `dilseg export onnx --from M --batch dynamic`)
+  multistream-2x1t  the same with --instances 2 --threads 1 (two batches at once, a thread each)
+  unbatched-2x1t    one `dilseg run` with N --source on the model as it is (batch fixed at 1: one
+                    backend, frames one after another), --instances 2 --threads 1
 
 Both run the same command line (`dilseg run`, overlay rendered, no output written), so they do
 the same work per frame; every stream is a live test://WxH?fps=F camera (newest frame wins: a
@@ -45,9 +49,10 @@ def run_dilseg(commands: list[list[str]], reports: list[Path], seconds: float) -
                               text=True) for cmd, r in zip(commands, reports)]
     try:
         for p in procs:
-            line = p.stderr.readline()
-            if not line.startswith("dilseg run:"):
-                raise SystemExit(f"`dilseg run` failed to start: {line}{p.stderr.read()[-2000:]}")
+            while not (line := p.stderr.readline()).startswith("dilseg run:"):  # warnings may come first
+                if not line:  # it ended before its streams started
+                    raise SystemExit(f"`dilseg run` failed to start ({p.wait()}): {' '.join(p.args)}")
+                print(line, end="", file=sys.stderr)
         time.sleep(seconds)
     finally:
         for p in procs:
@@ -66,24 +71,43 @@ def run_dilseg(commands: list[list[str]], reports: list[Path], seconds: float) -
     return streams
 
 
-def processes(n: int, opts: argparse.Namespace) -> list[dict]:
+def processes(n: int, opts: argparse.Namespace, *more: str) -> list[dict]:
     """(a) N separate `dilseg run` processes, one live stream each."""
-    cmd = DILSEG + ["run", "--model", opts.model, "--source", opts.source, "--warmup", str(opts.warmup)] + opts.extra
+    cmd = DILSEG + ["run", "--model", opts.model, "--source", opts.source, "--warmup", str(opts.warmup),
+                    *more] + opts.extra
     return run_dilseg([cmd] * n, [opts.workdir / f"proc_{k}.json" for k in range(n)], opts.seconds)
 
 
-def multistream(n: int, opts: argparse.Namespace) -> list[dict]:
+def multistream(n: int, opts: argparse.Namespace, *more: str) -> list[dict]:
     """(b) one `dilseg run` with N live streams through one backend, batched."""
-    cmd = DILSEG + ["run", "--model", opts.batch_model, "--warmup", str(opts.warmup)] + opts.extra
+    cmd = DILSEG + ["run", "--model", opts.batch_model, "--warmup", str(opts.warmup), *more] + opts.extra
     for _ in range(n):
         cmd += ["--source", opts.source]
     return run_dilseg([cmd], [opts.workdir / "multi.json"], opts.seconds)
 
 
+def multistream_unbatched(n: int, opts: argparse.Namespace, *more: str) -> list[dict]:
+    """(c) one `dilseg run` with N live streams through one backend of the model as it is (batch
+    fixed at one: frames one after another, no batching)."""
+    cmd = DILSEG + ["run", "--model", opts.model, "--warmup", str(opts.warmup), *more] + opts.extra
+    for _ in range(n):
+        cmd += ["--source", opts.source]
+    return run_dilseg([cmd], [opts.workdir / "multi.json"], opts.seconds)
+
+
+def per_core(run: Callable[..., list[dict]], *more: str) -> Callable[[int, argparse.Namespace], list[dict]]:
+    """A contender with one ONNX Runtime thread per inference (and ``more`` options)."""
+    return lambda n, opts: run(n, opts, "--threads", "1", *more)
+
+
 # name -> (what it is, function(N, options) -> one dict per stream: fps, p50, p95, dropped, frames)
 CONTENDERS: dict[str, tuple[str, Callable[[int, argparse.Namespace], list[dict]]]] = {
     "processes": ("(a) N separate `dilseg run` processes", processes),
+    "processes-1t": ("(a1) the same, --threads 1 each", per_core(processes)),
     "multistream": ("(b) one `dilseg run`, N sources batched", multistream),
+    "multistream-2x1t": ("(b2) the same, --instances 2 --threads 1", per_core(multistream, "--instances", "2")),
+    "unbatched-2x1t": ("(b3) one `dilseg run`, batch-1 model, 2x1t", per_core(multistream_unbatched,
+                                                                             "--instances", "2")),
 }
 
 
@@ -157,16 +181,16 @@ def main() -> None:
             table[name, n] = mean
             print(f"{CONTENDERS[name][0]:<42}{n:>3}{mean['aggregate_fps']:>9.1f}{mean['min_fps']:>12.1f} /"
                   f"{mean['max_fps']:>6.1f}{mean['spread'] * 100:>7.0f}%{mean['p50_ms']:>9.0f}{mean['p95_ms']:>9.0f}")
-    if "processes" in chosen and "multistream" in chosen:
-        print()
-        for n in counts:
-            per_round = [m["aggregate_fps"] / p["aggregate_fps"] for m, p in
-                         zip([row for row in rows if row["contender"] == "multistream" and row["streams"] == n],
-                             [row for row in rows if row["contender"] == "processes" and row["streams"] == n])
-                         if p["aggregate_fps"] > 0]
-            print(f"N={n}: multi-stream / processes aggregate FPS {statistics.mean(per_round):.2f} (per round: "
-                  f"{', '.join(f'{x:.2f}' for x in per_round)}); multi-stream per-stream spread "
-                  f"{table['multistream', n]['spread'] * 100:.0f}%")
+    print()
+    for multi in [c for c in chosen if not c.startswith("processes")]:
+        for single in [c for c in chosen if c.startswith("processes")]:
+            for n in counts:
+                pairs = zip([row for row in rows if row["contender"] == multi and row["streams"] == n],
+                            [row for row in rows if row["contender"] == single and row["streams"] == n])
+                per_round = [m["aggregate_fps"] / p["aggregate_fps"] for m, p in pairs if p["aggregate_fps"] > 0]
+                print(f"N={n}: {multi} / {single} aggregate FPS {statistics.mean(per_round):.2f} (per round: "
+                      f"{', '.join(f'{x:.2f}' for x in per_round)}); {multi} per-stream spread "
+                      f"{table[multi, n]['spread'] * 100:.0f}%")
     if opts.json:
         Path(opts.json).write_text(json.dumps({"machine": machine(), "source": opts.source, "seconds": opts.seconds,
                                                "rows": rows}, indent=2))

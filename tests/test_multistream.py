@@ -222,7 +222,6 @@ def test_cli_errors_for_several_sources(tmp_path, small_onnx, capsys):
         (["run", *two, "--labels", str(tmp_path / "masks")], r"put \{i\} in the name .*masks_\{i\}"),
         (["run", "--model", str(small_onnx), *two, "--max-batch", "2"], r"--max-batch 2: .* takes at most 1 frames "
          r"per inference; free its batch axis with `dilseg export onnx --from .* --batch dynamic`"),
-        (["run", "--source", "test://", "--max-batch", "2"], r"--max-batch and --instances are for several sources"),
         (["run", *two, "--source", str(tmp_path / "missing.mp4")], r"--source #2 \(.*missing.mp4\): .*no such file"),
         (["bench", *two, "--max-batch", "0"], r"--max-batch 0: must be 1 or more"),
     ]
