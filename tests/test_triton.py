@@ -118,6 +118,15 @@ def test_python_platform_takes_frames_and_ships_model_py(tmp_path):
     assert (folder / "1" / "model.onnx").is_file()
 
 
+def test_a_dynamic_size_model_gets_dynamic_dims(small_onnx_dynamic, tmp_path):
+    for platform, want_in, want_out in (("onnxruntime_onnx", [3, -1, -1], [-1, -1]),
+                                        ("python", [-1, -1, 3], [-1, -1])):
+        assert export(small_onnx_dynamic, "-o", tmp_path / platform, "--platform", platform, "--name", "m") == 0
+        cfg = parse_config(tmp_path / platform / "m" / "config.pbtxt")
+        assert list(cfg.input[0].dims) == want_in and list(cfg.output[0].dims) == want_out, platform
+        assert json.loads(cfg.parameters[METADATA_KEY].string_value)["input_size"] is None
+
+
 def test_tensorrt_plan_from_onnx_writes_the_config_and_a_build_script(tmp_path):
     assert export(MODEL, "-o", tmp_path / "repo", "--platform", "tensorrt_plan") == 0
     folder = tmp_path / "repo" / NAME
