@@ -25,6 +25,18 @@ pytest_plugins = ["conftest_servers"]  # real servers, tmpfs, nvcc: see servers.
 SMALL_SIZE = (64, 96)  # (H, W) of the fixed-size fixtures
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of tiny PyTorch models (``pytest.mark.usefixtures("one_torch_thread")``): one
+    thread runs them in milliseconds, while OpenMP workers waiting on busy cores can make each
+    forward pass hundreds of times slower."""
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def small_model():
     """The edge_s torch module behind the small ONNX fixtures (eval mode)."""

@@ -31,18 +31,7 @@ from dilseg.runtime.preprocess import preprocess  # noqa: E402
 from dilseg.runtime.segmenter import Segmenter  # noqa: E402
 
 SIZE = (64, 96)
-pytestmark = needs_camvid
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These models are tiny: one thread runs them in milliseconds, while OpenMP workers waiting
-    on busy cores can make each forward pass hundreds of times slower."""
-    torch = pytest.importorskip("torch")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = [needs_camvid, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
@@ -50,12 +39,17 @@ def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("foreign")
 
 
+def seeded_and_saved(build, seed: int, path: Path):
+    """A foreign model built under ``seed``, made lively at SIZE, its state dict saved to ``path``."""
+    torch.manual_seed(seed)
+    model = fm.lively(build(), SIZE)
+    torch.save(model.state_dict(), path)
+    return model
+
+
 @pytest.fixture(scope="module")
 def segformer(work):
-    torch.manual_seed(0)
-    model = fm.lively(fm.segformer(), SIZE)
-    torch.save(model.state_dict(), work / "segformer.pt")
-    return model
+    return seeded_and_saved(fm.segformer, 0, work / "segformer.pt")
 
 
 @pytest.fixture(scope="module")
@@ -65,10 +59,7 @@ def segformer_onnx(segformer, work) -> Path:
 
 @pytest.fixture(scope="module")
 def upernet(work):
-    torch.manual_seed(1)
-    model = fm.lively(fm.upernet(), SIZE)
-    torch.save(model.state_dict(), work / "upernet.pt")
-    return model
+    return seeded_and_saved(fm.upernet, 1, work / "upernet.pt")
 
 
 def camvid_frames(n: int = 3) -> list[np.ndarray]:
