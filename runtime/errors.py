@@ -35,3 +35,9 @@ def os_errors_as(error: type[DilsegError], path: str | Path, action: str) -> Ite
     except OSError as exc:
         reason = exc.strerror or str(exc) or type(exc).__name__
         raise error(f"{path}: cannot {action}: {reason}") from None
+
+
+def first_line(message: object, limit: int = 300) -> str:
+    """The first line of a library's message, at most ``limit`` characters: ONNX Runtime,
+    OpenVINO and TensorRT append pages of C++ context that would bury what went wrong."""
+    return (str(message).strip().splitlines() or [""])[0][:limit]

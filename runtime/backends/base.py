@@ -45,6 +45,12 @@ def option_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def check_threads(threads: int | None) -> None:
+    """Refuse a thread count (``--threads``) that is not a whole number >= 1; None is the backend's default."""
+    if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
+        raise BackendError(f"--threads {threads}: must be a whole number >= 1")
+
+
 @dataclass(frozen=True)
 class BackendOptions:
     """A backend's options; each backend declares its own frozen dataclass of them.
@@ -161,6 +167,11 @@ class Backend(abc.ABC):
         if self._loaded:
             self._loaded = False
             self.close_impl()
+
+    def require_file(self, what: str = "model") -> None:
+        """Refuse a missing artifact in one line before a library tries to open it."""
+        if not self.path.is_file():
+            raise BackendError(f"{self.path}: no such {what} file")
 
     def require_loaded(self) -> None:
         if not self._loaded:

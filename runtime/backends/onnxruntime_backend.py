@@ -9,7 +9,8 @@ import numpy as np
 import onnxruntime as ort
 
 from ..artifact import ONNX_SUFFIX, session_meta
-from .base import Backend, BackendError, BackendOptions
+from ..errors import first_line
+from .base import Backend, BackendError, BackendOptions, check_threads
 
 PROVIDER_ALIASES = {
     "tensorrt": "TensorrtExecutionProvider",
@@ -53,8 +54,7 @@ class OnnxRuntimeOptions(BackendOptions):
     providers: tuple[str, ...] | None = None  # provider names or aliases (cpu, cuda, tensorrt); None: the best present
 
     def __post_init__(self) -> None:
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise BackendError(f"--threads {self.threads}: must be a whole number >= 1")
+        check_threads(self.threads)
         if self.providers is not None:
             object.__setattr__(self, "providers", tuple(self.providers))
 
@@ -81,13 +81,11 @@ class OnnxRuntimeBackend(Backend):
         # cycles from capture and postprocessing where cores are few.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = choose_providers(self.options.providers)
-        if not self.path.is_file():
-            raise BackendError(f"{self.path}: no such model file")
+        self.require_file()
         try:
             self.session = ort.InferenceSession(str(self.path), so, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            raise BackendError(f"{self.path}: ONNX Runtime cannot load this model: {first}") from None
+            raise BackendError(f"{self.path}: ONNX Runtime cannot load this model: {first_line(exc)}") from None
         self.meta = session_meta(self.path, self.session)  # one session: metadata and inference
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
