@@ -7,7 +7,6 @@ It needs the model zoo, so it lives on the export side; the runtime finds it thr
 
 from __future__ import annotations
 
-import colorsys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -16,31 +15,23 @@ import torch
 
 from dilseg.runtime.artifact import WEIGHTS_SUFFIX
 from dilseg.runtime.backends import Backend, BackendError, BackendOptions
+from dilseg.runtime.classes import PRESETS
 from dilseg.runtime.files import sha256_file
 from dilseg.runtime.metadata import ModelMeta
 
 from .heads import LabelHead
-from .train import camvid_meta
-from .weights import load_model, read_weights_info
-
-
-def spread_palette(n: int) -> tuple[tuple[int, int, int], ...]:
-    """Distinct colours for classes that have no conventional palette."""
-    return tuple(tuple(int(255 * c) for c in colorsys.hsv_to_rgb(i / n, 0.65, 0.95)) for i in range(n))
+from .weights import load_model, read_weights_info, weights_classes
 
 
 def weights_meta(path: str | Path, input_size: tuple[int, int] | None = None) -> ModelMeta:
-    """Metadata for a weights file: CamVid's preprocessing and the classes its header names."""
+    """Metadata for a weights file: the classes its header records (names, palette, void label;
+    CamVid's where it names none), as `dilseg export onnx --weights` writes them into the graph."""
     info = read_weights_info(path)
     name = info.get("model")
     if not name:
         raise BackendError(f"{path}: the weights header does not name its model; re-save it with dilseg train")
-    meta = camvid_meta(name, input_size)
-    classes = tuple(info.get("classes") or meta.classes)
-    if classes != meta.classes:
-        palette = meta.palette if len(classes) == meta.num_classes else spread_palette(len(classes))
-        meta = replace(meta, classes=classes, palette=palette)
-    return replace(meta, output_kind="labels", weights_sha256=sha256_file(path))
+    classes = weights_classes(info) or PRESETS["camvid"]
+    return classes.model_meta(name, input_size, output_kind="labels", weights_sha256=sha256_file(path))
 
 
 @dataclass(frozen=True)
@@ -72,8 +63,7 @@ class TorchBackend(Backend):
     model: torch.nn.Module | None = None
 
     def load_impl(self) -> None:
-        if not self.path.is_file():
-            raise BackendError(f"{self.path}: no such weights file")
+        self.require_file("weights")
         meta = weights_meta(self.path, self.options.input_size)
         self.meta = replace(meta, extra={**meta.extra, "head": self.options.head})
         device = self.options.device

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DilsegError
+from .metadata import ModelMeta
 
 RGB = tuple[int, int, int]
 MAX_CLASSES = 256  # label maps are 8-bit class ids
@@ -43,6 +44,12 @@ class ClassList:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def model_meta(self, model: str, input_size: tuple[int, int] | None = (360, 480), **fields) -> ModelMeta:
+        """Metadata of ``model`` trained on these classes, with the preprocessing dilseg's own
+        models are trained with (ModelMeta's defaults); ``fields`` set the rest (output_kind, ...)."""
+        return ModelMeta(model=model, classes=self.names, palette=self.palette, input_size=input_size,
+                         ignore_index=self.ignore_index, **fields)
 
     def check_count(self, count: int, what: str) -> None:
         """``what`` (e.g. "the graph's output") has ``count`` classes; so must this list."""

@@ -20,7 +20,7 @@ from dilseg.runtime.cli import main
 from dilseg.runtime.dataset import (CityscapesDataset, DatasetError, SegmentationDataset, list_images,
                                     open_dataset, open_images)
 
-pytestmark = needs_camvid
+pytestmark = [needs_camvid, pytest.mark.usefixtures("one_torch_thread")]
 SIZE = (64, 96)
 # CamVid id -> Cityscapes label id (labels.py): Sky 23, Building 11, Pole 17, Road 7, Sidewalk 8,
 # Tree 21 (vegetation), SignSymbol 20, Fence 13, Car 26, Pedestrian 24, Bicyclist 25 (rider); void -> 0.
@@ -33,17 +33,6 @@ def camvid_pairs(n: int = 4) -> list[tuple[str, np.ndarray, np.ndarray]]:
     data = SegmentationDataset(CAMVID, "val")
     picks = range(0, len(data), len(data) // n)
     return [(data.samples[i].stem, *data[i]) for i in list(picks)[:n]]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """These models are tiny: one thread runs them in milliseconds, while OpenMP workers waiting
-    on busy cores can make each forward pass hundreds of times slower."""
-    torch = pytest.importorskip("torch")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -166,6 +155,7 @@ def test_int8_calibration_reads_a_cityscapes_root(cityscapes) -> None:
 
 def test_train_export_and_eval_on_datasets_with_their_own_classes(own, cityscapes, tmp_path, capsys) -> None:
     pytest.importorskip("torch")
+    from dilseg.export.torch_backend import weights_meta
     from dilseg.export.train import TrainConfig, train
     from dilseg.export.weights import read_weights_info
     from dilseg.runtime.artifact import read_onnx_meta
@@ -181,6 +171,9 @@ def test_train_export_and_eval_on_datasets_with_their_own_classes(own, cityscape
         assert main(["export", "onnx", "--weights", str(weights), "--size", "64x96", "-o", str(onnx_path)]) == 0
         meta = read_onnx_meta(onnx_path)
         assert meta.classes == classes and meta.ignore_index == void
+        # The weights run on PyTorch (run, eval, verify) with the classes their graph carries.
+        on_torch = weights_meta(weights)
+        assert (on_torch.classes, on_torch.palette, on_torch.ignore_index) == (meta.classes, meta.palette, void)
         if data == own:
             assert meta.palette[:2] == ((128, 64, 128), (70, 130, 180))
         else:
