@@ -44,7 +44,6 @@ class TritonPythonModel:
         self.input_dtype = np.float16 if onnx_input.type == "tensor(float16)" else np.float32
         # A batch axis the graph fixes at 1 runs frame by frame (the config then has max_batch_size 0).
         self.batched = not isinstance(onnx_input.shape[0], int) or onnx_input.shape[0] != 1
-        self.has_batch_dim = int(config.get("max_batch_size", 0)) > 0
         served = [o["name"] for o in config.get("output", [])]
         if served != [OUTPUT]:
             raise pb_utils.TritonModelException(f"config.pbtxt must declare one output {OUTPUT!r}, not {served}")
@@ -54,9 +53,7 @@ class TritonPythonModel:
         tensor = pb_utils.get_input_tensor_by_name(request, INPUT)
         if tensor is None:
             raise ValueError(f"the request has no {INPUT!r} input")
-        frames = tensor.as_numpy()
-        if not self.has_batch_dim:
-            frames = frames[None]
+        frames = tensor.as_numpy()  # N x H x W x 3: Triton's batch axis, or the config's batch of one
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
             raise ValueError(f"{INPUT} must be BGR uint8 frames (N x H x W x 3), got {frames.dtype} "
                              f"{'x'.join(map(str, frames.shape))}")
@@ -95,6 +92,5 @@ class TritonPythonModel:
             for i, pre in group:
                 part = labels[start:start + len(pre)]
                 start += len(pre)
-                out = part if self.has_batch_dim else part[0]
-                responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(OUTPUT, out)])
+                responses[i] = pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(OUTPUT, part)])
         return responses

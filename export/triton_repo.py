@@ -335,7 +335,8 @@ def export_triton(artifact: str | Path, repo: str | Path, options: RepoOptions =
             files[f"{version}/model.onnx"] = onnx_bytes
             files[f"{version}/model.py"] = PYTHON_MODEL_SOURCE
             height_width = tuple(meta.input_size) if meta.input_size else (-1, -1)
-            batch = (-1,) if options.max_batch_size > 0 else ()
+            # Unbatched (max_batch_size 0), dims carry the batch of one themselves, as the ONNX's do.
+            batch = (-1,) if options.max_batch_size > 0 else (1,)
             ins = [Tensor(FRAME_INPUT, "TYPE_UINT8", (*batch, -1, -1, 3))]
             # uint8 labels where the classes fit: a quarter of the bytes back over the wire.
             outs = [Tensor(LABELS_OUTPUT, "TYPE_UINT8" if meta.num_classes <= 256 else "TYPE_INT32",

@@ -281,7 +281,9 @@ def server(tmp_path_factory, sysvenv):
     onnx_file = repo / "broken" / "1" / "model.onnx"
     onnx_file.write_bytes(onnx_file.read_bytes()[:1000])
     onnx_platform_stand_in(repo, "tensors")
-    loaded = [f"--load-model={m}" for m in (NAME, "wrong_size", "few_classes", "tensors")]
+    assert export(MODEL, "-o", repo, "--platform", "python", "--threads", "1", "--max-batch-size", "0",
+                  "--name", "unbatched") == 0
+    loaded = [f"--load-model={m}" for m in (NAME, "wrong_size", "few_classes", "tensors", "unbatched")]
     srv = TritonServer(repo, venv=sysvenv, args=["--model-control-mode=explicit", *loaded],
                        log_path=repo.parent / "tritonserver.log")
     srv.start()
@@ -319,6 +321,16 @@ def test_a_server_taking_tensors_gets_the_normalised_tensor(server):
         here, there = Segmenter(local), Segmenter(remote)
         for frame in frames:
             np.testing.assert_array_equal(there.process(frame).labels, here.process(frame).labels)
+
+
+@needs_camvid
+def test_a_model_served_unbatched_takes_one_frame_at_a_time(server):
+    cfg = parse_config(Path(server.repo) / "unbatched" / "config.pbtxt")
+    assert cfg.max_batch_size == 0 and not cfg.HasField("dynamic_batching") and list(cfg.input[0].dims) == [1, -1, -1, 3]
+    frame = val_frames(1)[0]
+    with open_backend(MODEL, "onnxruntime") as local, open_backend(url(server, "unbatched")) as remote:
+        assert remote.batch_range() == (1, 1)
+        np.testing.assert_array_equal(Segmenter(remote).process(frame).labels, Segmenter(local).process(frame).labels)
 
 
 @needs_camvid

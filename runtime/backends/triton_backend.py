@@ -450,8 +450,8 @@ class TritonBackend(Backend):
     def _send(self, batch: np.ndarray) -> np.ndarray:
         served, module = self.served, self._module
         client = self._client()
-        shape = list(batch.shape) if served.max_batch_size > 0 else list(batch.shape[1:])
-        inp = module.InferInput(served.input_name, shape, served.input_type)
+        # Batched, Triton adds the batch axis; unbatched, the config's dims begin with the batch of one.
+        inp = module.InferInput(served.input_name, list(batch.shape), served.input_type)
         http = self.url.protocol == "http"
         out = module.InferRequestedOutput(served.output_name, **({"binary_data": True} if http else {}))
         out_elems = batch.shape[0] * int(np.prod(self._expected(batch)[1:]))
