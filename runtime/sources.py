@@ -27,7 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 import cv2
 import numpy as np
 
-from .dataset import IMAGE_SUFFIXES
+from .dataset import IMAGE_SUFFIXES, list_images
 from .errors import DilsegError
 from .pixel_budget import ImageTooLargeError, check_image, check_pixels
 
@@ -253,8 +253,7 @@ class FolderSource(Source):
     def __init__(self, folder: Path, fps: float | None = None) -> None:
         self.spec = str(folder)
         self.fps = fps
-        self.paths = sorted((p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
-                            key=_natural_key)
+        self.paths = sorted(list_images(folder), key=_natural_key)
         if not self.paths:
             raise SourceError(f"{folder}: no images in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
         self.frame_count = len(self.paths)
