@@ -16,12 +16,12 @@ import cv2
 import numpy as np
 
 from dilseg.runtime.dataset import IMAGE_SUFFIXES
-from dilseg.runtime.errors import DilsegError
+from dilseg.runtime.errors import DilsegError, os_errors_as
 from dilseg.runtime.pipeline import Pipeline
 from dilseg.runtime.pixel_budget import ImageTooLargeError, check_image
 from dilseg.runtime.postprocess import class_areas, colorize, palette_bgr
 from dilseg.runtime.segmenter import Segmenter
-from dilseg.runtime.sinks import Sink
+from dilseg.runtime.sinks import Sink, SinkError
 from dilseg.runtime.sources import SourceError, VideoFileSource
 from dilseg.runtime.view import ViewSettings
 
@@ -102,6 +102,10 @@ class Mp4Sink(Sink):
         self._size = (0, 0)
 
     def write(self, frame: np.ndarray, labels: np.ndarray, rendered: np.ndarray, name: str | None = None) -> None:
+        with os_errors_as(SinkError, self.path, "write the segmented video"):  # a full disk, a removed folder
+            self._write(rendered)
+
+    def _write(self, rendered: np.ndarray) -> None:
         import av
 
         if self._container is None:
@@ -124,11 +128,14 @@ class Mp4Sink(Sink):
         if self._container is None:
             return
         try:
-            for packet in self._stream.encode():
-                self._container.mux(packet)
-        finally:
-            self._container.close()
-            self._container = None
+            with os_errors_as(SinkError, self.path, "write the segmented video"):
+                for packet in self._stream.encode():
+                    self._container.mux(packet)
+                self._container.close()
+        except BaseException:  # a failed flush (full disk) leaves no partial file behind either
+            self.abort()
+            raise
+        self._container = None
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:

@@ -344,7 +344,7 @@ def video_source(segmenter: Segmenter, settings: ViewSettings, model_key: tuple)
         try:
             result = segment_video(path, segmenter, settings, progress=progress, out_dir=folder, name=upload.name)
             data = result.path.read_bytes()
-        except MediaError as exc:
+        except DilsegError as exc:  # an undecodable upload, a full disk: said as it is
             bar.empty()
             st.error(str(exc))
             return

@@ -401,6 +401,21 @@ def test_a_corrupt_video_upload_keeps_every_good_frame(tmp_path, write_video, mo
     assert len(video_frames(result.path)) == 54
 
 
+
+def test_a_video_upload_onto_a_full_disk_fails_and_leaves_no_partial_file(tmp_path, small_tmpfs, write_video, model):
+    from dilseg.demo.media import segment_video
+    from dilseg.runtime.segmenter import open_segmenter
+    from dilseg.runtime.sinks import SinkError
+    from dilseg.runtime.view import ViewSettings
+
+    disk = small_tmpfs("8k")  # less than the H.264 of 60 overlay frames
+    avi = write_video(tmp_path / "upload.avi", frames(60), fourcc="MJPG")
+    with open_segmenter(model) as seg, pytest.raises(SinkError, match=r"upload_segmented\.mp4: cannot write the "
+                                                                    r"segmented video: No space left on device"):
+        segment_video(avi, seg, ViewSettings(), out_dir=disk)
+    assert list(disk.iterdir()) == []  # neither the MP4 nor its .part
+
+
 # ---------------------------------------------------------------------------------- 6. live sources dropped
 
 def _restart_mid_run(server, spec: str, tmp_path: Path, frames_wanted: int) -> None:
