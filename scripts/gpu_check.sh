@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# Run every GPU check dilseg has (pycuda kernels, TensorRT build -> run -> parity) on any
-# NVIDIA machine or Jetson, and print a summary of the machine and the results.
+# Run every GPU check dilseg has (pycuda kernels and the primary context, TensorRT build -> run
+# -> parity, CUDA graphs, the timing cache) on any NVIDIA machine or Jetson, and print a summary
+# of the machine and the results.
 #
 #   bash scripts/gpu_check.sh            # all tests marked gpu or tensorrt
 #   bash scripts/gpu_check.sh -x -k cuda # extra pytest arguments are passed through
+#
+# A GPU machine that reaches no package registry: on one that does, `bash scripts/gpu_wheelhouse.sh`
+# fills .whl/ (pycuda built for that machine's Python, and its needs) and .camvid/ (CamVid val);
+# carry both beside the checkout. Here .whl/ is then installed with pip --no-index into
+# /tmp/site (on PYTHONPATH), .camvid/ becomes DILSEG_CAMVID, and dilseg is installed editable
+# when it is not importable yet. TensorRT itself cannot travel so (see gpu_wheelhouse.sh): where
+# it is missing, its tests are reported skipped with that reason.
 #
 # Exit status: pytest's (0 = all selected tests passed). A machine without TensorRT or
 # pycuda reports the tests as skipped with the reason, so the summary says what is missing;
@@ -12,6 +20,24 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 LOG=${GPU_CHECK_LOG:-$(mktemp -t dilseg-gpu-check.XXXXXX.log)}
+
+echo "== setup"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    echo "wheelhouse: installed $(ls .whl/*.whl | wc -l) wheel(s) from .whl/ into /tmp/site: $(cd .whl && ls *.whl | cut -d- -f1-2 | tr '\n' ' ')"
+  else
+    echo "wheelhouse: installing .whl/ FAILED (pip's message above); going on with what is installed"
+  fi
+else
+  echo "wheelhouse: none (.whl/ absent; scripts/gpu_wheelhouse.sh makes one)"
+fi
+if [ -z "${DILSEG_CAMVID:-}" ] && [ -d .camvid/val ]; then export DILSEG_CAMVID="$PWD/.camvid"; fi
+echo "CamVid: ${DILSEG_CAMVID:-../shared/data/camvid (default)}"
+if ! "$PY" -c "import dilseg.runtime" 2>/dev/null; then
+  "$PY" -m pip install -q --no-deps --no-build-isolation -e . && echo "dilseg: installed editable from $PWD" ||
+    echo "dilseg: NOT importable and the editable install failed"
+fi
 
 echo "== machine"
 uname -srm
@@ -49,15 +75,23 @@ except Exception:
     pass
 PYEOF
 
-echo "== GPU tests (pytest -m 'gpu or tensorrt')"
-"$PY" -m pytest -m "gpu or tensorrt" -rs -q -p no:cacheprovider "$@" tests 2>&1 | tee "$LOG"
+echo "== GPU tests (pytest -m 'gpu or tensorrt or nvcc': the nvcc compile of the kernels too)"
+"$PY" -m pytest -m "gpu or tensorrt or nvcc" -rfEs -q -p no:cacheprovider "$@" tests 2>&1 | tee "$LOG"
 status=${PIPESTATUS[0]}
 
 echo "== summary"
 tail -n1 "$LOG"
+grep -E "^(FAILED|ERROR) " "$LOG" | cut -c1-200 || true
 # "SKIPPED [n] file:line: reason" -> total per reason
 grep -E "^SKIPPED" "$LOG" | sed -E 's/^SKIPPED \[([0-9]+)\] [^:]+:[0-9]+: /\1\t/' |
   awk -F'\t' '{n[$2] += $1} END {for (r in n) printf "skipped: %4d  %s\n", n[r], r}'
+if grep -qE "^SKIPPED .*TensorRT is not installed" "$LOG"; then
+  echo "TensorRT: install it on this machine (JetPack's apt packages, or pip from NVIDIA's index); it cannot"
+  echo "          travel as wheels from PyPI alone (see scripts/gpu_wheelhouse.sh)"
+fi
+if grep -qE "^SKIPPED .*pycuda is not installed" "$LOG"; then
+  echo "pycuda: pip install pycuda here, or carry .whl/ from scripts/gpu_wheelhouse.sh"
+fi
 if [ "$status" -eq 5 ]; then echo "no GPU test was selected"; fi
 if [ "${GPU_CHECK_STRICT:-0}" = 1 ] && grep -qE "^SKIPPED" "$LOG" && [ "$status" -eq 0 ]; then
   echo "GPU_CHECK_STRICT=1: tests were skipped"; status=1

@@ -155,10 +155,9 @@ def trt_onnx(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def gpu():
-    """pycuda's driver module once TensorRT, pycuda and a CUDA device are all there; else the test
-    is skipped with the reason (GPU tests: marked gpu/tensorrt)."""
-    pytest.importorskip("tensorrt", reason="TensorRT is not installed (GPU test)")
+def pycuda_device():
+    """pycuda's driver module, initialised, once pycuda and a CUDA device are there (no context
+    made); else the test is skipped with the reason (GPU tests: marked gpu)."""
     cuda = pytest.importorskip("pycuda.driver", reason="pycuda is not installed (GPU test)")
     try:
         cuda.init()
@@ -167,3 +166,11 @@ def gpu():
     except Exception as exc:
         pytest.skip(f"no usable CUDA driver: {exc}")
     return cuda
+
+
+@pytest.fixture(scope="session")
+def gpu(request):
+    """pycuda's driver module once TensorRT, pycuda and a CUDA device are all there; else the test
+    is skipped with the reason (GPU tests: marked gpu/tensorrt)."""
+    pytest.importorskip("tensorrt", reason="TensorRT is not installed (GPU test)")
+    return request.getfixturevalue("pycuda_device")

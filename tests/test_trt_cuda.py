@@ -117,14 +117,7 @@ GPU_SCRIPT = textwrap.dedent('''
 
 
 @pytest.mark.gpu
-def test_primary_context_lifetime_on_the_gpu():
-    cuda = pytest.importorskip("pycuda.driver", reason="pycuda is not installed (GPU test)")
-    try:
-        cuda.init()
-        if cuda.Device.count() == 0:
-            pytest.skip("no CUDA device")
-    except Exception as exc:  # no driver
-        pytest.skip(f"no usable CUDA driver: {exc}")
+def test_primary_context_lifetime_on_the_gpu(pycuda_device):
     r = subprocess.run([sys.executable, "-c", GPU_SCRIPT], capture_output=True, text=True, timeout=120)
     print(r.stdout, r.stderr)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), r.stdout + r.stderr

@@ -83,14 +83,8 @@ def test_render_reference_matches_cpu_render(alpha, visible, view):
 # -- the kernels (GPU) -------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def cuda():
-    cuda = pytest.importorskip("pycuda.driver", reason="pycuda is not installed (GPU test)")
-    try:
-        cuda.init()
-        if cuda.Device.count() == 0:
-            pytest.skip("no CUDA device")
-    except Exception as exc:  # no driver
-        pytest.skip(f"no usable CUDA driver: {exc}")
+def cuda(pycuda_device):
+    cuda = pycuda_device
     from dilseg.runtime.trt.cuda import PrimaryContext
 
     ctx = PrimaryContext(cuda, 0)  # pop-then-detach would leave the released context current
