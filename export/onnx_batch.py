@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from dilseg.runtime.errors import DilsegError
+from dilseg.runtime.errors import DilsegError, first_line
 
 BATCH_AXIS = "batch"
 
@@ -89,7 +89,7 @@ def with_dynamic_batch(path: str | Path) -> tuple[onnx.ModelProto, bool]:
     try:
         both = _run(freed.SerializeToString(), x)
     except Exception as exc:  # ORT's own error types
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = first_line(exc, 200)
         raise BatchAxisError(f"{path}: the graph does not run with a batch of 2 once its batch axis is freed "
                              f"({first}); export it with `dilseg export onnx --dynamic`") from None
     for i in range(2):
@@ -137,7 +137,7 @@ def with_batch(path: str | Path, batch: int | str) -> onnx.ModelProto:
     try:
         _run(proto.SerializeToString(), x)
     except Exception as exc:  # ORT's own error types
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = first_line(exc, 200)
         raise BatchAxisError(f"{path}: the graph does not run with a fixed batch of {batch} ({first}); "
                              "use --batch dynamic") from None
     return proto

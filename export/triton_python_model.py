@@ -17,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+from dilseg.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+from dilseg.runtime.errors import DilsegError, first_line
+from dilseg.runtime.preprocess import preprocess
 
 INPUT = "FRAME"
 OUTPUT = "labels"
@@ -24,26 +27,17 @@ OUTPUT = "labels"
 
 class TritonPythonModel:
     def initialize(self, args: dict) -> None:
-        import onnxruntime as ort
-        from dilseg.runtime.artifact import session_meta
-        from dilseg.runtime.backends.onnxruntime_backend import default_threads
-        from dilseg.runtime.preprocess import preprocess
-
-        self.preprocess = preprocess
         config = json.loads(args["model_config"])
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         path = Path(args["model_repository"]) / args["model_version"] / "model.onnx"
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = int(params.get("intra_op_threads") or 0) or default_threads()
-        so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        self.meta = session_meta(path, self.session)
-        onnx_input = self.session.get_inputs()[0]
-        self.input_name = onnx_input.name
-        self.input_dtype = np.float16 if onnx_input.type == "tensor(float16)" else np.float32
+        # dilseg's own ONNX Runtime backend: the best provider installed (CUDA where onnxruntime-gpu is).
+        try:
+            self.backend = OnnxRuntimeBackend(path, threads=int(params.get("intra_op_threads") or 0) or None).load()
+        except DilsegError as exc:
+            raise pb_utils.TritonModelException(str(exc)) from None
+        self.meta = self.backend.meta
         # A batch axis the graph fixes at 1 runs frame by frame (the config then has max_batch_size 0).
-        self.batched = not isinstance(onnx_input.shape[0], int) or onnx_input.shape[0] != 1
+        self.batched = self.backend.batch_range()[1] != 1
         served = [o["name"] for o in config.get("output", [])]
         if served != [OUTPUT]:
             raise pb_utils.TritonModelException(f"config.pbtxt must declare one output {OUTPUT!r}, not {served}")
@@ -61,12 +55,15 @@ class TritonPythonModel:
 
     def _run(self, batch: np.ndarray) -> np.ndarray:
         if self.batched:
-            out = self.session.run(None, {self.input_name: batch})[0]
+            out = self.backend.infer(batch)
         else:
-            out = np.concatenate([self.session.run(None, {self.input_name: t[None]})[0] for t in batch])
+            out = np.concatenate([self.backend.infer(t[None]) for t in batch])
         if self.meta.output_kind == "logits":
             out = out.argmax(axis=1)
         return out.astype(self.label_dtype, copy=False)
+
+    def finalize(self) -> None:
+        self.backend.close()
 
     def execute(self, requests: list) -> list:
         responses: list = [None] * len(requests)
@@ -74,8 +71,7 @@ class TritonPythonModel:
         for i, request in enumerate(requests):
             try:
                 frames = self._frames(request)
-                pre = np.concatenate([self.preprocess(f, self.meta) for f in frames]).astype(self.input_dtype,
-                                                                                           copy=False)
+                pre = np.concatenate([preprocess(f, self.meta) for f in frames])
             except ValueError as exc:
                 responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc)))
                 continue
@@ -84,7 +80,7 @@ class TritonPythonModel:
             try:
                 labels = self._run(np.concatenate([pre for _, pre in group]))
             except Exception as exc:  # ONNX Runtime's own error types: the requests fail, the server stays
-                message = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+                message = first_line(exc) or type(exc).__name__
                 for i, _ in group:
                     responses[i] = pb_utils.InferenceResponse(error=pb_utils.TritonError(f"inference failed: {message}"))
                 continue

@@ -29,6 +29,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..errors import first_line
 from ..metadata import METADATA_KEY, MetadataError, ModelMeta
 from ..preprocess import input_size_for, preprocess
 from ..triton_url import TritonURL, parse_triton_url
@@ -214,13 +215,9 @@ class _SharedMemory:
             self._drop(client, role)
 
 
-def _first_line(text: str) -> str:
-    return (str(text).strip().splitlines() or [""])[0][:300]
-
-
 def _reason(exc: BaseException) -> str:
     msg = exc.message() if hasattr(exc, "message") and callable(exc.message) else str(exc)
-    return _first_line(msg or type(exc).__name__) or type(exc).__name__
+    return first_line(msg or type(exc).__name__) or type(exc).__name__
 
 
 # Errors that mean the server (or the model on it) went away, as a restart looks from the client.
@@ -330,7 +327,7 @@ class TritonBackend(Backend):
                                     f"(versions: {', '.join(have)})")
         # An entry without a state is a model the server has seen in its repository but never loaded.
         state = "; ".join((f"version {m['version']}: " if m.get("version") else "") + m.get("state", "not loaded")
-                          + (f" ({_first_line(m['reason'])})" if m.get("reason") else "") for m in mine)
+                          + (f" ({first_line(m['reason'])})" if m.get("reason") else "") for m in mine)
         return TritonModelError(f"{self.url}: model {self.url.model!r} is not ready ({state}); load it (tritonserver "
                                 "--model-control-mode=explicit --load-model=NAME, or POST /v2/repository/models/NAME/"
                                 "load) or see tritonserver's log for why it failed")
