@@ -157,7 +157,7 @@ def backend_lines(model: Path | None, machine: Machine | None = None) -> list[st
         import openvino as ov
 
         core = ov.Core()
-        default = str(core.get_property("CPU", "INFERENCE_PRECISION_HINT")).replace("<Type: '", "").rstrip("'>")
+        default = core.get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
         lines.append(f"openvino       {ov.get_version()}, devices {', '.join(core.available_devices)}, "
                      f"CPU default precision {default}")
     else:

@@ -221,8 +221,7 @@ class OpenVINOBackend(Backend):
         """The precision OpenVINO runs the model's float layers in (its resolved hint)."""
         if self.compiled is None:
             return self.options.ov_precision or "default"
-        return str(self.compiled.get_property("INFERENCE_PRECISION_HINT")).replace("<Type: '", "").rstrip("'>") \
-            .replace("float32", "f32").replace("bfloat16", "bf16").replace("float16", "f16")
+        return self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
 
     def batch_range(self) -> tuple[int, int | None]:
         shape = self.compiled.inputs[0].get_partial_shape() if self.compiled is not None else None
