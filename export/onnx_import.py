@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from dilseg import __version__
 from dilseg.runtime.classes import ClassList
-from dilseg.runtime.errors import DilsegError
+from dilseg.runtime.errors import DilsegError, first_line
 from dilseg.runtime.metadata import METADATA_KEY, ModelMeta
 
 MIN_AGREEMENT = 99.9
@@ -86,7 +86,7 @@ def load_foreign(path: str | Path) -> onnx.ModelProto:
     try:
         proto = onnx.load(str(path))
     except Exception as exc:  # protobuf's DecodeError and friends
-        raise ModelImportError(f"{path}: not an ONNX model ({str(exc).splitlines()[0][:160] or type(exc).__name__})") \
+        raise ModelImportError(f"{path}: not an ONNX model ({first_line(exc, 160) or type(exc).__name__})") \
             from None
     if not proto.graph.node:
         raise ModelImportError(f"{path}: not an ONNX model (no graph nodes)")
@@ -389,7 +389,7 @@ def _run_original(sess, inp_name: str, x: np.ndarray, output: str | None, in_typ
         values = sess.run(names, {inp_name: x.astype(in_type)})
     except Exception as exc:
         raise ModelImportError(f"ONNX Runtime cannot run the original graph on a {x.shape[2]}x{x.shape[3]} frame "
-                               f"({str(exc).splitlines()[0][:200]})") from None
+                               f"({first_line(exc, 200)})") from None
     return dict(zip(names, values))
 
 
@@ -481,7 +481,7 @@ def adopt(src: str | Path, classes: ClassList, size: tuple[int, int] | None = No
         onnx.checker.check_model(adopted, full_check=True)
         onnx.shape_inference.infer_shapes(adopted, strict_mode=True)
     except Exception as exc:
-        raise ModelImportError(f"{path}: the adopted graph fails onnx.checker ({str(exc).splitlines()[0][:200]}); "
+        raise ModelImportError(f"{path}: the adopted graph fails onnx.checker ({first_line(exc, 200)}); "
                                "nothing was written") from None
 
     agreement, worst, sizes = compare(original, _session(adopted), tensors, source, classes, output_kind, path)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dilseg.runtime.errors import DilsegError
+from dilseg.runtime.errors import DilsegError, first_line
 
 
 class TorchImportError(DilsegError, ValueError):
@@ -57,7 +57,7 @@ def load_factory(spec: str) -> Callable[..., nn.Module]:
                                "provides it, or give the file: path/to/file.py:FACTORY") from None
     except Exception as exc:
         raise TorchImportError(f"--torch {spec}: importing {module_name} failed: {type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+                               f"{first_line(exc, 200)}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
         public = sorted(n for n in vars(module) if callable(getattr(module, n)) and not n.startswith("_"))
@@ -79,7 +79,7 @@ def build_module(spec: str, kwargs: str | None = None) -> nn.Module:
         model = factory(**kw)
     except Exception as exc:
         raise TorchImportError(f"--torch {spec}: calling {spec.rpartition(':')[2]}(**{kw}) failed: "
-                               f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+                               f"{type(exc).__name__}: {first_line(exc, 200)}") from None
     if not isinstance(model, nn.Module):
         raise TorchImportError(f"--torch {spec}: the factory returned {type(model).__name__}, not a torch.nn.Module")
     return model.eval()
@@ -102,7 +102,7 @@ def read_state(path: str | Path) -> dict:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, refused globals
         raise TorchImportError(f"--weights {path}: not a loadable state_dict ({type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0][:160]}); save it with torch.save(model.state_dict(), "
+                               f"{first_line(exc, 160)}); save it with torch.save(model.state_dict(), "
                                "PATH) or as .safetensors") from None
     for key in ("state_dict", "model", "model_state_dict"):
         if isinstance(state, Mapping) and isinstance(state.get(key), Mapping):
@@ -201,7 +201,7 @@ def prepare_torch(spec: str, kwargs: str | None, weights: str | None, classes, s
         raise
     except Exception as exc:
         raise TorchImportError(f"{where}: the module fails on a 1x3x{hw[0]}x{hw[1]} input: {type(exc).__name__}: "
-                               f"{str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+                               f"{first_line(exc, 200)}") from None
     found = classify("scores", out.detach().float().numpy() if out.is_floating_point() else out.numpy().astype(np.int64),
                      hw)
     if isinstance(found, str):
@@ -242,7 +242,7 @@ def run_export_torch(args) -> int:
     try:
         return write_export(args, model, meta, name, size)
     except torch.onnx.errors.OnnxExporterError as exc:
-        first = str(exc).strip().splitlines()[0][:240] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc, 240) or type(exc).__name__
         raise TorchImportError(f"--torch {args.torch}: torch.onnx.export cannot export this module ({first}); try "
                                "another --size, or export it yourself with torch.onnx.export(model, x, 'm.onnx') "
                                "and adopt that file with `dilseg import`") from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import os_errors_as
+from .errors import first_line, os_errors_as
 from .metadata import METADATA_KEY, MetadataError, ModelMeta
 
 ONNX_SUFFIX = ".onnx"
@@ -40,7 +40,7 @@ def read_onnx_meta(path: str | Path) -> ModelMeta:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise MetadataError(f"{path}: not a loadable ONNX model ({str(exc).splitlines()[0][:200]})") from None
+        raise MetadataError(f"{path}: not a loadable ONNX model ({first_line(exc, 200)})") from None
     return session_meta(path, sess)
 
 
