@@ -121,11 +121,12 @@ class Segmenter:
 
 
 def open_segmenter(model: str | Path | None = None, backend: str = "auto", **options) -> Segmenter:
-    """Load ``model`` (.onnx, .engine, .safetensors; default: the shipped CamVid model) on
-    ``backend`` ("auto" picks by the file's suffix) with the backend's ``options``
-    (e.g. ``threads=2`` for ONNX Runtime). Raises a DilsegError subclass saying what to do
-    when it cannot."""
+    """Load ``model`` (.onnx, .engine, .safetensors, or a served ``triton://HOST:PORT/MODEL``;
+    default: the shipped CamVid model) on ``backend`` ("auto" picks by the file's suffix) with
+    the backend's ``options`` (e.g. ``threads=2`` for ONNX Runtime). Raises a DilsegError
+    subclass saying what to do when it cannot."""
     from .backends import open_backend
     from .defaults import default_model_path
 
-    return Segmenter(open_backend(Path(model) if model is not None else default_model_path(), backend, **options))
+    # As given: open_backend tells a URL from a path (Path() would fold triton:// into triton:/).
+    return Segmenter(open_backend(model if model is not None else default_model_path(), backend, **options))

@@ -76,6 +76,22 @@ def test_segmenter_face_on_a_small_model(small_onnx, tmp_path):
         ViewSettings("sepia")
 
 
+
+def test_open_segmenter_takes_a_triton_url_as_the_cli_does():
+    """A served model's URL reaches the Triton backend as it is (a Path folded triton:// into
+    triton:/ and said 'no such model file'); with nothing listening it cannot reach the server."""
+    pytest.importorskip("tritonclient.grpc")
+    import socket
+
+    from dilseg.runtime import DilsegError, open_segmenter
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(DilsegError, match=rf"triton://127\.0\.0\.1:{port}/edge_m: cannot reach Triton"):
+        open_segmenter(f"triton://127.0.0.1:{port}/edge_m", timeout=2)
+
+
 @pytest.mark.gpu
 @pytest.mark.tensorrt
 def test_render_on_the_gpu_draws_the_cpu_picture(gpu, trt_onnx, tmp_path):
