@@ -10,6 +10,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dilseg.runtime.artifact import read_meta
 from dilseg.runtime.backends import open_backend
@@ -21,6 +22,9 @@ from dilseg.runtime.segmenter import Segmenter
 from dilseg.runtime.triton_url import is_triton_url
 
 from .settings import ENV_MODEL
+
+if TYPE_CHECKING:
+    from dilseg.runtime.autoselect import Choice
 
 
 class ModelChoiceError(DilsegError, RuntimeError):
@@ -153,14 +157,14 @@ def load_served(url: str) -> Segmenter:
         raise ModelChoiceError(str(exc)) from None
 
 
-def auto_choice(path: Path):
+def auto_choice(path: Path) -> "Choice | None":
     """What ``auto`` runs for ``path`` on this machine (a model with variants), or None."""
     stat = path.stat()
     return _auto_choice(str(path.resolve()), (stat.st_mtime_ns, stat.st_size))
 
 
 @lru_cache(maxsize=8)
-def _auto_choice(path: str, stamp: tuple[int, int]):
+def _auto_choice(path: str, stamp: tuple[int, int]) -> "Choice | None":
     from dilseg.runtime.autoselect import pick
 
     return pick(Path(path))

@@ -12,6 +12,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -82,7 +83,8 @@ class EvalResult:
                 "confusion": self.confusion.tolist()}
 
 
-def frames(data: Images, limit: int | None, desc: str, progress: bool):
+def frames(data: Images, limit: int | None, desc: str,
+           progress: bool) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """(image, label | None) in order, with a progress bar; ``limit`` takes the first N."""
     n = len(data) if not limit else min(limit, len(data))
     for i in tqdm(range(n), desc=desc, unit="img", disable=not progress, leave=False):
