@@ -40,7 +40,6 @@ for _module in ("streamlit", "streamlit_webrtc", "av"):  # the server's needs; n
         pytest.skip(f"{_module} is not installed (pip install -e .[demo])", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from dilseg.runtime.backends import open_backend  # noqa: E402
 from dilseg.runtime.postprocess import render  # noqa: E402
 from dilseg.runtime.segmenter import Segmenter  # noqa: E402
 
@@ -71,7 +70,11 @@ def model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def segmenter(model) -> Segmenter:
-    return Segmenter(open_backend(model))
+    # The page's default backend is auto, which runs a model's int8 variant where the CPU has
+    # VNNI: the reference is what auto runs for this model here.
+    from dilseg.demo.loading import load_segmenter
+
+    return load_segmenter(model, "auto")
 
 
 def camera_picture() -> np.ndarray:
