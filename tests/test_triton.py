@@ -522,3 +522,17 @@ def test_a_multi_stream_run_batches_its_sources_into_one_request(server, tmp_pat
     mean_batch = float(re.search(r"mean batch ([\d.]+)", capsys.readouterr().out).group(1))
     assert 1.0 < mean_batch <= 2.0  # frames of the two streams went to the server together
     assert [s["frames_out"] for s in json.loads(report.read_text())["streams"]] == [6, 6]
+
+
+@needs_camvid
+def test_eval_and_verify_through_triton(server, tmp_path, capsys):
+    assert main(["eval", "--model", url(server), "--data", str(CAMVID), "--limit", "2", "--no-progress",
+                 "--json", str(tmp_path / "eval.json")]) == 0
+    served = json.loads((tmp_path / "eval.json").read_text())
+    assert main(["eval", "--model", str(MODEL), "--backend", "onnxruntime", "--data", str(CAMVID), "--limit", "2",
+                 "--no-progress", "--json", str(tmp_path / "local.json")]) == 0
+    assert served["miou"] == json.loads((tmp_path / "local.json").read_text())["miou"]
+    capsys.readouterr()
+    assert main(["verify", str(MODEL), url(server, http=True), "--data", str(CAMVID),
+                 "--limit", "2", "--no-progress", "--min-agreement", "99.99"]) == 0
+    assert "PASS" in capsys.readouterr().out
