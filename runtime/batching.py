@@ -291,9 +291,13 @@ class Batcher:
 
 
 def frame_waiting(pipeline: Pipeline) -> bool:
-    """Whether ``pipeline`` has a captured frame waiting for its inference thread."""
+    """Whether ``pipeline`` has a frame for its inference thread: a live one that was captured
+    and not yet taken; for a file, until its end, always (its next frame is coming, and a file
+    is read for throughput, not for latency)."""
     q = pipeline.frames_q
-    return q.waiting if isinstance(q, LatestSlot) else q.qsize() > 0
+    if isinstance(q, LatestSlot):
+        return q.waiting
+    return q.qsize() > 0 or not pipeline.captured.is_set()
 
 
 class StreamSegmenter(Segmenter):
