@@ -30,9 +30,9 @@ from typing import Callable
 import numpy as np
 
 from ..artifact import ONNX_SUFFIX, read_onnx_meta
-from ..errors import os_errors_as
+from ..errors import first_line, os_errors_as
 from ..files import atomic_write_bytes, sha256_file
-from .base import Backend, BackendError, BackendOptions, Capabilities
+from .base import Backend, BackendError, BackendOptions, Capabilities, check_threads
 
 try:
     import openvino as ov
@@ -76,8 +76,7 @@ class OpenVINOOptions(BackendOptions):
             raise BackendError(f"--ov-precision {self.ov_precision}: choose one of {', '.join(PRECISIONS)}")
         if self.ov_hint not in HINTS:
             raise BackendError(f"--ov-hint {self.ov_hint}: choose one of {', '.join(HINTS)}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise BackendError(f"--threads {self.threads}: must be a whole number >= 1")
+        check_threads(self.threads)
 
 
 def rewrite_argmax(model) -> int:
@@ -158,8 +157,7 @@ class OpenVINOBackend(Backend):
 
     def load_impl(self) -> None:
         require_openvino()
-        if not self.path.is_file():
-            raise BackendError(f"{self.path}: no such model file")
+        self.require_file()
         self.meta = read_onnx_meta(self.path)
         core = ov.Core()
         if self.options.ov_device not in core.available_devices:
@@ -181,8 +179,7 @@ class OpenVINOBackend(Backend):
             self.argmax_rewritten = rewrite_argmax(model)
             self.compiled = core.compile_model(model, self.options.ov_device, config)
         except Exception as exc:  # OpenVINO raises RuntimeError with multi-line C++ context
-            first = (str(exc).strip().splitlines() or [""])[0][:300]
-            raise BackendError(f"{self.path}: OpenVINO cannot compile this model: {first}") from None
+            raise BackendError(f"{self.path}: OpenVINO cannot compile this model: {first_line(exc)}") from None
         seconds = time.perf_counter() - t0
         self.cache_message = self._note_cache(folder, key, seconds)
         (self.options.log or (lambda text: print(text, file=sys.stderr)))(self.cache_message)
