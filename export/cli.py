@@ -59,7 +59,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_triton_parser(exp_sub)
     p = exp_sub.add_parser("onnx", help="PyTorch -> verified, self-describing ONNX", epilog=EXPORT_EPILOG,
                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                           description="Export a zoo model (optionally with trained weights) to ONNX.")
+                           description="Export to a verified, self-describing ONNX: a zoo model (optionally with trained\n"
+                                       "weights), your own PyTorch module (--torch), or a precision variant of an\n"
+                                       "existing dilseg ONNX (--from).")
     p.add_argument("--model", help="zoo model name (default: the one the weights file names)")
     p.add_argument("--weights", help="safetensors weights from `dilseg train`, or with --torch a state_dict "
                                      "(.pt/.pth/.safetensors) (default: fresh initialisation)")
