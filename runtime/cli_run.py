@@ -112,7 +112,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--mosaic", metavar="FILE", help="one video of every stream tiled in a grid, a picture per batch")
     r.set_defaults(func=cmd_run)
 
-    i = sub.add_parser("info", help="print an artifact's metadata (.onnx or .engine)", epilog=INFO_EPILOG,
+    i = sub.add_parser("info", help="print a model's metadata (.onnx, .engine or triton://); --backends: what "
+                                    "runs here", epilog=INFO_EPILOG,
                        formatter_class=fmt, description="Print what an exported model or engine says about itself.")
     i.add_argument("artifact", nargs="?", help="an .onnx file, an .engine/.plan (with its .json sidecar) or a "
                                                 "triton://HOST:PORT/MODEL; default: the shipped CamVid model")
