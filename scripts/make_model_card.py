@@ -1,5 +1,5 @@
 """Write the shipped model's card from what can be measured: architecture, size, the
-training log, per-class val IoU and ONNX Runtime CPU latency on this machine.
+training log, per-class val IoU and ONNX Runtime CPU latency on the CPU it runs on.
 
     python scripts/make_model_card.py --run runs/edge_m --onnx models/edge_m_camvid.onnx \
         --data ../shared/data/camvid --train-command "dilseg train ..."
@@ -167,7 +167,7 @@ All of this is in the ONNX metadata (`dilseg info {onnx_path.name}`).
 ```
 CamVid train (367 frames), {len(log)} epochs, batch 8, random scale 0.75-1.5, crop 320x416,
 horizontal flip, ENet class weights 1/ln(1.02+p), AdamW (lr 3e-3, weight decay 1e-4), 2 warm-up
-epochs then poly decay (power 0.9), seed 0, on the CPU of this machine ({metrics['machine']}).
+epochs then poly decay (power 0.9), seed 0, on a CPU: {metrics['machine']}.
 The shipped weights are the epoch with the best val mIoU (epoch {best['epoch']}); selection used val only.
 
 ![training curve]({stem.name}_curve.png)
