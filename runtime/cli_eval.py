@@ -68,8 +68,19 @@ def add_common(p: argparse.ArgumentParser) -> None:
                         ".safetensors -> PyTorch)")
     p.add_argument("--ov-precision", choices=["f32", "bf16", "f16"],
                    help="with --backend openvino: its inference precision (default: the CPU's own)")
-    p.add_argument("--limit", type=int, default=0, metavar="N", help="only the first N images (quick checks)")
+    p.add_argument("--limit", type=image_count, default=0, metavar="N", help="only the first N images (quick checks)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def image_count(text: str) -> int:
+    """``--limit N``: a whole number >= 0 (0: every image), refused by argparse with exit status 2."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def backend_options(args: argparse.Namespace) -> dict:
@@ -90,11 +101,8 @@ def check_json_target(path: str | None) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from .backends import open_backend
     from .defaults import resolve_model
-    from .errors import CliError
     from .evaluate import dataset_for, eval_table, evaluate, write_json
 
-    if args.limit < 0:
-        raise CliError(f"--limit must be >= 0, got {args.limit}")
     check_json_target(args.json)
     model = resolve_model(args.model)
     backend = open_backend(model, args.backend, **backend_options(args))
@@ -113,8 +121,6 @@ def run_verify(args: argparse.Namespace) -> int:
     from .errors import CliError
     from .evaluate import check_thresholds, dataset_for, open_pair, verify, verify_table, write_json
 
-    if args.limit < 0:
-        raise CliError(f"--limit must be >= 0, got {args.limit}")
     if args.min_agreement is not None and not 0 <= args.min_agreement <= 100:
         raise CliError(f"--min-agreement is a percentage (0..100), got {args.min_agreement}")
     if args.max_miou_drop is not None and args.max_miou_drop < 0:

@@ -147,6 +147,16 @@ def test_eval_needs_labels_and_names_bad_label_values(tmp_path, capsys) -> None:
     assert "missing.onnx: no such file" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", ["eval", "verify"])
+@pytest.mark.parametrize("limit, message", [("-1", "must be >= 0, got -1"), ("two", "must be a whole number >= 0, got 'two'")])
+def test_limit_is_refused_by_both_commands_before_any_work(command, limit, message, tmp_path, capsys) -> None:
+    models = ["--model", str(tmp_path / "missing.onnx")] if command == "eval" else ["a.onnx", "b.onnx"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, *models, "--data", str(tmp_path), "--limit", limit])
+    assert exit_info.value.code == 2
+    assert f"argument --limit: {message}" in capsys.readouterr().err
+
+
 def test_eval_help_teaches_with_examples(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
