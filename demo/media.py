@@ -23,6 +23,7 @@ from dilseg.runtime.postprocess import class_areas, colorize, palette_bgr
 from dilseg.runtime.segmenter import Segmenter
 from dilseg.runtime.sinks import Sink, SinkError
 from dilseg.runtime.sources import SourceError, VideoFileSource
+from dilseg.runtime.video_check import unreadable_reason
 from dilseg.runtime.view import ViewSettings
 
 IMAGE_TYPES = [s.lstrip(".") for s in IMAGE_SUFFIXES]  # what the upload widget accepts: what OpenCV decodes
@@ -90,8 +91,8 @@ def _even(n: int) -> int:
 
 
 class Mp4Sink(Sink):
-    """Rendered frames -> an H.264 MP4 that browsers play inline, written under a temporary name
-    and renamed by ``close()``: complete or absent."""
+    """Rendered frames -> an H.264 MP4 that browsers play inline, written under a temporary name,
+    read back and only then renamed by ``close()``: complete or absent, as the CLI's VideoSink."""
 
     def __init__(self, path: Path, fps: float) -> None:
         self.path, self.fps = path, fps
@@ -136,6 +137,12 @@ class Mp4Sink(Sink):
             self.abort()
             raise
         self._container = None
+        # A closed container is not yet a video: the file under the temporary name may have been
+        # cut short or replaced while it was written; what it holds is what the page would offer.
+        broken = unreadable_reason(self.tmp, self.count)
+        if broken:
+            self.tmp.unlink(missing_ok=True)
+            raise SinkError(f"{self.path}: cannot write the segmented video: {broken}; nothing was written")
         os.replace(self.tmp, self.path)
 
     def abort(self) -> None:

@@ -416,6 +416,36 @@ def test_a_video_upload_onto_a_full_disk_fails_and_leaves_no_partial_file(tmp_pa
     assert list(disk.iterdir()) == []  # neither the MP4 nor its .part
 
 
+def test_a_video_upload_cut_short_under_its_name_is_read_back_and_refused(tmp_path, write_video, model):
+    """The .part is replaced mid-run by a truncated copy of itself (what a temp-folder cleaner or
+    a second writer leaves): the encoder closes cleanly on the orphaned file, so only reading the
+    result back shows that the name holds no playable video."""
+    from dilseg.demo.media import segment_video
+    from dilseg.runtime.segmenter import open_segmenter
+    from dilseg.runtime.sinks import SinkError
+    from dilseg.runtime.view import ViewSettings
+
+    avi = write_video(tmp_path / "upload.avi", frames(30), fourcc="MJPG")
+    out = tmp_path / "out"
+    out.mkdir()
+    part = out / ".upload_segmented.mp4.part"
+    cut = []
+
+    def cut_short(done: int, _known: int) -> None:
+        if not cut and done >= 10 and part.is_file():
+            truncated = out / "truncated"
+            truncated.write_bytes(part.read_bytes()[:16])
+            os.replace(truncated, part)
+            cut.append(done)
+
+    with open_segmenter(model) as seg, pytest.raises(SinkError, match=r"upload_segmented\.mp4: cannot write the "
+                                                                    r"segmented video: 30 frames were written but "
+                                                                    r"the file cannot be opened"):
+        segment_video(avi, seg, ViewSettings(), progress=cut_short, out_dir=out)
+    assert cut, "the .part never appeared while frames were written"
+    assert list(out.iterdir()) == []  # neither the MP4 nor its .part
+
+
 # ---------------------------------------------------------------------------------- 6. live sources dropped
 
 def _restart_mid_run(server, spec: str, tmp_path: Path, frames_wanted: int) -> None:
