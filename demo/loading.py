@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import os
 import tempfile
 from dataclasses import dataclass
@@ -13,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dilseg.runtime.artifact import read_meta
-from dilseg.runtime.backends import open_backend
+from dilseg.runtime.backends import open_backend, unavailable_reason
 from dilseg.runtime.defaults import default_model_path
 from dilseg.runtime.errors import DilsegError
 from dilseg.runtime.files import atomic_write_bytes
@@ -40,21 +38,6 @@ class BackendOption:
     reason: str | None  # why it is unavailable here; None when available
 
 
-def _tensorrt_reason() -> str | None:
-    for module, hint in (("tensorrt", "TensorRT's Python bindings are not installed (JetPack ships them; "
-                                      "on a PC: pip install dilseg[trt])"),
-                         ("pycuda", "pycuda is not installed (pip install pycuda)")):
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError:
-            return hint
-        except Exception as exc:  # a broken install (missing libnvinfer) is as unavailable as a missing one
-            return f"{module} is installed but does not import ({type(exc).__name__}: {str(exc)[:120]})"
-    if importlib.util.find_spec("dilseg.runtime.trt.runner") is None:
-        return "this dilseg build has no TensorRT backend"
-    return None
-
-
 @lru_cache(maxsize=1)
 def backend_options() -> tuple[BackendOption, ...]:
     """Every backend the sidebar offers, with the reason an unavailable one cannot run here."""
@@ -65,9 +48,8 @@ def backend_options() -> tuple[BackendOption, ...]:
         "this onnxruntime has no CUDA provider (install onnxruntime-gpu and a CUDA runtime)")
     return (
         BackendOption("auto", "Auto (fastest here)", "auto", None, None),
-        BackendOption("tensorrt", "TensorRT", "tensorrt", None, _tensorrt_reason()),
-        BackendOption("openvino", "OpenVINO", "openvino", None, None if importlib.util.find_spec("openvino") else
-                      "openvino is not installed (pip install 'dilseg[openvino]')"),
+        BackendOption("tensorrt", "TensorRT", "tensorrt", None, unavailable_reason("tensorrt")),
+        BackendOption("openvino", "OpenVINO", "openvino", None, unavailable_reason("openvino")),
         BackendOption("ort-cpu", "ONNX Runtime CPU", "onnxruntime", ("cpu",), None),
         BackendOption("ort-cuda", "ONNX Runtime CUDA", "onnxruntime", ("cuda",), cuda),
     )

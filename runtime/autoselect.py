@@ -17,13 +17,12 @@ the machine once:
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
 VARIANTS = ("int8cpu", "fp16")
+PACKAGES = {"tensorrt": ("tensorrt", "pycuda"), "openvino": ("openvino",)}  # backend -> Machine.packages it gives
 AMX_FLAGS = frozenset({"amx_bf16", "amx_tile"})
 VNNI_FLAGS = frozenset({"avx512_vnni", "avx_vnni"})
 
@@ -84,13 +83,15 @@ def cpu_facts() -> tuple[str, frozenset[str]]:
     return name, flags
 
 
-def has_nvidia_gpu() -> bool:
-    return os.path.exists("/proc/driver/nvidia/gpus") or os.path.exists("/dev/nvidia0")
-
-
 def detect() -> Machine:
+    """This machine's CPU, GPU and the packages of the backends ``choose`` weighs that can run
+    here (each backend's own ``available()`` says)."""
+    from .backends import unavailable_reason
+    from .backends.base import has_nvidia_gpu
+
     name, flags = cpu_facts()
-    packages = frozenset(p for p in ("tensorrt", "pycuda", "openvino") if importlib.util.find_spec(p) is not None)
+    packages = frozenset(p for backend, needs in PACKAGES.items() if unavailable_reason(backend) is None
+                         for p in needs)
     return Machine(name, flags, packages, has_nvidia_gpu())
 
 
@@ -145,28 +146,37 @@ def pick(model: Path, machine: Machine | None = None) -> Choice | None:
     return choose(model, machine or detect(), variants)
 
 
+def _usable(backend: str) -> str:
+    """What ``dilseg info --backends`` says of a backend that can run here."""
+    if backend == "openvino":
+        import openvino as ov
+
+        core = ov.Core()
+        default = core.get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
+        return (f"{ov.get_version()}, devices {', '.join(core.available_devices)}, "
+                f"CPU default precision {default}")
+    if backend == "tensorrt":
+        import tensorrt as trt
+
+        return f"{trt.__version__}, NVIDIA GPU seen"
+    from importlib.metadata import version
+
+    return f"tritonclient {version('tritonclient')}, for triton:// served models"
+
+
 def backend_lines(model: Path | None, machine: Machine | None = None) -> list[str]:
     """`dilseg info --backends`: each backend and whether it runs here, the machine, and what
     ``auto`` runs for ``model`` and why."""
     import onnxruntime as ort
 
+    from .backends import unavailable_reason
+
     machine = machine or detect()
     lines = [f"machine        {machine.describe()}",
              f"onnxruntime    {ort.__version__}, providers {', '.join(ort.get_available_providers())}"]
-    if "openvino" in machine.packages:
-        import openvino as ov
-
-        core = ov.Core()
-        default = core.get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
-        lines.append(f"openvino       {ov.get_version()}, devices {', '.join(core.available_devices)}, "
-                     f"CPU default precision {default}")
-    else:
-        lines.append("openvino       not installed (pip install 'dilseg[openvino]')")
-    if {"tensorrt", "pycuda"} <= machine.packages:
-        lines.append("tensorrt       installed" + ("" if machine.nvidia_gpu else "; no NVIDIA GPU seen"))
-    else:
-        missing = ", ".join(sorted({"tensorrt", "pycuda"} - machine.packages))
-        lines.append(f"tensorrt       not installed ({missing} missing: pip install 'dilseg[trt]')")
+    for backend in ("openvino", "tensorrt", "triton"):
+        reason = unavailable_reason(backend)
+        lines.append(f"{backend:<15}{'not usable here: ' + reason if reason else _usable(backend)}")
     if model is not None:
         choice = pick(Path(model), machine)
         lines.append(choice.describe() if choice else

@@ -127,6 +127,37 @@ def test_capabilities_are_declared_not_probed() -> None:
     assert all(issubclass(backend_class(n), Backend) for n in ("onnxruntime", "tensorrt", "pytorch"))
 
 
+def test_every_backend_says_whether_it_runs_here_and_why_not(tmp_path: Path, monkeypatch) -> None:
+    from dilseg.runtime.backends import unavailable_reason
+    from dilseg.runtime.backends.base import has_nvidia_gpu
+
+    assert Backend.available() is None and OnnxRuntimeBackend.available() is None  # the default: runs
+    assert unavailable_reason("onnxruntime") is None
+    assert unavailable_reason("openvino") is None  # the openvino extra is installed for the tests
+    trt_reason = unavailable_reason("tensorrt")
+    if not HAVE_TRT:
+        assert trt_reason.startswith("tensorrt is not installed") and "dilseg[trt]" in trt_reason
+    elif not has_nvidia_gpu():
+        assert "no NVIDIA GPU" in trt_reason
+    assert "unknown backend 'nope'" in unavailable_reason("nope")
+
+    class Needs(OnnxRuntimeBackend):
+        requires = (("dilseg_no_such_module", "pip install dilseg-no-such-module"),)
+
+    assert Needs.available() == "dilseg_no_such_module is not installed (pip install dilseg-no-such-module)"
+    # Installed but broken (a library it loads is missing) is as unusable, and says what broke.
+    (tmp_path / "dilseg_broken_module.py").write_text("raise OSError('libnvinfer.so.10: cannot open shared object')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    Needs.requires = (("dilseg_broken_module", "reinstall it"),)
+    assert Needs.available() == ("dilseg_broken_module is installed but does not import "
+                                 "(OSError: libnvinfer.so.10: cannot open shared object)")
+
+    class NeedsGpu(OnnxRuntimeBackend):
+        needs_nvidia_gpu = True
+
+    assert (NeedsGpu.available() is None) == has_nvidia_gpu()
+
+
 def test_a_backend_without_frame_input_or_gpu_render_says_so(small_onnx) -> None:
     backend = open_backend(small_onnx)
     with pytest.raises(BackendError, match="takes preprocessed tensors only"):

@@ -7,7 +7,7 @@ options and returns it loaded. A backend declares what it can do beyond ``infer`
 """
 
 from .base import Backend, BackendError, BackendOptions, Capabilities
-from .factory import backend_class, backend_names, choose, open_backend
+from .factory import backend_class, backend_names, choose, open_backend, unavailable_reason
 
 __all__ = ["Backend", "BackendError", "BackendOptions", "Capabilities", "backend_class", "backend_names", "choose",
-           "open_backend"]
+           "open_backend", "unavailable_reason"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import abc
 import functools
+import importlib
+import os
 import threading
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -35,6 +37,33 @@ class Capabilities:
     # "preprocess" are preprocessing it did itself (see Backend.own_preprocess_ms).
     stage_timings: bool = False
     cuda_graph: bool = False  # set_cuda_graph(on): replays CUDA graphs (its cuda_graph option), switchable per call
+
+
+def has_nvidia_gpu() -> bool:
+    """Whether the NVIDIA driver shows a GPU (desktop driver or Jetson), without loading CUDA."""
+    return os.path.exists("/proc/driver/nvidia/gpus") or os.path.exists("/dev/nvidia0")
+
+
+def import_reason(module: str, hint: str) -> str | None:
+    """Why ``module`` cannot be imported here (missing, or installed but broken), or None."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError:
+        return f"{module} is not installed ({hint})"
+    except Exception as exc:  # noqa: BLE001 - a broken install (missing libnvinfer) is as unusable as a missing one
+        return f"{module} is installed but does not import ({type(exc).__name__}: {str(exc)[:120]})"
+    return None
+
+
+def unmet_needs(requires: tuple[tuple[str, str], ...], needs_nvidia_gpu: bool) -> str | None:
+    """The first of these needs this machine does not meet, in words, or None."""
+    for module, hint in requires:
+        reason = import_reason(module, hint)
+        if reason:
+            return reason
+    if needs_nvidia_gpu and not has_nvidia_gpu():
+        return "no NVIDIA GPU seen (no /proc/driver/nvidia/gpus or /dev/nvidia0)"
+    return None
 
 
 PREPROCESS_TIMING = "preprocess"  # the ending of a last_timings key that times the backend's own preprocessing
@@ -103,6 +132,15 @@ class Backend(abc.ABC):
     selection_hint: ClassVar[str]  # how a user picks this backend, for error messages
     Options: ClassVar[type[BackendOptions]] = BackendOptions
     capabilities: ClassVar[Capabilities] = Capabilities()
+    requires: ClassVar[tuple[tuple[str, str], ...]] = ()  # (module, how to install it) that it imports to run
+    needs_nvidia_gpu: ClassVar[bool] = False
+
+    @classmethod
+    def available(cls) -> str | None:
+        """Why this backend cannot run on this machine (a package missing, no GPU), or None when
+        it can; asks without loading a model. Every list of backends (``dilseg info --backends``,
+        the demo's sidebar) asks this."""
+        return unmet_needs(cls.requires, cls.needs_nvidia_gpu)
 
     def __init__(self, path: str | Path, options: BackendOptions | None = None, **keywords) -> None:
         """``options``: the backend's options dataclass; or keywords for it (``threads=2``)."""

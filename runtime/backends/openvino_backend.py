@@ -128,6 +128,7 @@ class OpenVINOBackend(Backend):
     selection_hint = "add --backend openvino and pass an .onnx"
     Options = OpenVINOOptions
     capabilities = Capabilities(stage_timings=True)
+    requires = (("openvino", INSTALL_HINT),)
 
     def __init__(self, path: str | Path, options: OpenVINOOptions | None = None, **keywords) -> None:
         super().__init__(path, options, **keywords)
@@ -135,13 +136,6 @@ class OpenVINOBackend(Backend):
         self.requests: list = []
         self.cache_message = ""
         self.argmax_rewritten = 0
-
-    @classmethod
-    def available(cls) -> tuple[bool, str]:
-        """(usable here, why not) without loading a model."""
-        if ov is None:
-            return False, f"openvino is not installed: {INSTALL_HINT}"
-        return True, ""
 
     # -- load -----------------------------------------------------------------------------
 

@@ -246,6 +246,7 @@ class TritonBackend(Backend):
     artifacts = "models served by Triton Inference Server (triton://HOST:PORT/MODEL)"
     selection_hint = "pass --model triton://HOST:PORT/MODEL (gRPC) or triton+http://HOST:PORT/MODEL"
     Options = TritonOptions
+    requires = (("tritonclient", "pip install 'dilseg[triton]'"),)
 
     def __init__(self, url: str | TritonURL, options: TritonOptions | None = None, **kwargs) -> None:
         self.url = url if isinstance(url, TritonURL) else parse_triton_url(str(url))
