@@ -17,7 +17,7 @@ from typing import Any
 
 from ..artifact import ENGINE_SUFFIXES, ONNX_SUFFIX, WEIGHTS_SUFFIX, artifact_suffix
 from ..triton_url import is_triton_url
-from .base import Backend, BackendError, BackendOptions, option_flag, unmet_needs
+from .base import Backend, BackendError, BackendOptions, option_flag
 
 ENTRY_POINT_GROUP = "dilseg.backends"
 
@@ -48,10 +48,6 @@ def backend_names() -> tuple[str, ...]:
 
 # What a built-in backend whose class does not yet declare ``requires`` / ``needs_nvidia_gpu``
 # needs, so that ``unavailable_reason`` is right for it too: TensorRT's runner (runtime/trt/runner.py).
-UNDECLARED_NEEDS = {"tensorrt": ((("tensorrt", "pip install 'dilseg[trt]'; on a Jetson it comes with JetPack"),
-                                  ("pycuda", "pip install pycuda")), True)}
-
-
 def unavailable_reason(name: str) -> str | None:
     """Why backend ``name`` cannot run on this machine, or None when it can: its class's
     ``available()``, or why the class itself cannot be had."""
@@ -61,8 +57,6 @@ def unavailable_reason(name: str) -> str | None:
         return str(exc)
     except ImportError as exc:  # a built-in backend's module missing from this install
         return f"this dilseg install cannot import its {name} backend ({exc})"
-    if name in UNDECLARED_NEEDS and not cls.requires and not cls.needs_nvidia_gpu:
-        return unmet_needs(*UNDECLARED_NEEDS[name])
     return cls.available()
 
 

@@ -33,7 +33,7 @@ from .build import LABEL_DTYPES, BuildOptions
 from .cache import EngineError
 from .compat import detect
 from .cuda import CudaGraph, PrimaryContext, find_gpu
-from .deps import import_pycuda, import_tensorrt, make_logger
+from .deps import INSTALL_HINT, PYCUDA_HINT, import_pycuda, import_tensorrt, make_logger
 from .loaders import EngineFromFile, EngineFromOnnx, LoadedEngine
 
 MAX_SHAPES = 4  # buffer sets kept for a dynamic engine (one per input shape seen recently)
@@ -115,6 +115,8 @@ class TensorRTBackend(Backend):
     selection_hint = "add --backend tensorrt (dilseg then builds and caches an engine) or pass an .engine"
     Options = TensorRTOptions
     capabilities = Capabilities(frame_input=True, gpu_render=True, stage_timings=True, cuda_graph=True)
+    requires = (("tensorrt", INSTALL_HINT), ("pycuda", PYCUDA_HINT))
+    needs_nvidia_gpu = True
 
     def __init__(self, loader: Loader | str | Path, options: TensorRTOptions | None = None) -> None:
         options = options if options is not None else TensorRTOptions()
