@@ -6,6 +6,8 @@ import argparse
 
 from dilseg.runtime.defaults import ONNX_OPSET
 
+from .train_config import TrainConfig
+
 EXPORT_EPILOG = """\
 examples:
   dilseg export onnx --model edge_m --weights runs/edge_m/best.safetensors --size 360x480 -o edge_m.onnx
@@ -109,37 +111,39 @@ def register(sub: argparse._SubParsersAction) -> None:
                        formatter_class=argparse.RawDescriptionHelpFormatter,
                        description="Train a zoo model from scratch (random scale/crop/flip, class weighting, poly LR; "
                                    "optional photometric jitter, rare-class crops, label smoothing, OHEM, EMA).")
-    t.add_argument("--model", default="edge_m", help="zoo model name (default edge_m)")
+    d = TrainConfig()
+    t.add_argument("--model", default=d.model, help=f"zoo model name (default {d.model})")
     t.add_argument("--data", required=True, help="dataset root with train/ and val/")
     t.add_argument("--out", required=True, help="run folder (checkpoints, log.csv); an existing run needs --resume or --overwrite")
-    t.add_argument("--epochs", type=int, default=60, help="epochs (default 60)")
-    t.add_argument("--batch-size", type=int, default=8)
-    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
-    t.add_argument("--crop", default="320x416", help="training crop HxW (default 320x416)")
-    t.add_argument("--scale", default="0.75-1.5", help="random rescale range MIN-MAX (default 0.75-1.5)")
-    t.add_argument("--holdout", default="", metavar="SEQUENCE",
+    t.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs (default {d.epochs})")
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help=f"crops per step (default {d.batch_size})")
+    t.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (AdamW; default {d.lr:g})")
+    t.add_argument("--crop", default="{}x{}".format(*d.crop), help="training crop HxW (default {}x{})".format(*d.crop))
+    t.add_argument("--scale", default="{:g}-{:g}".format(*d.scale),
+                   help="random rescale range MIN-MAX (default {:g}-{:g})".format(*d.scale))
+    t.add_argument("--holdout", default=d.holdout, metavar="SEQUENCE",
                    help="hold out a whole sequence (e.g. 0006R0): train without its frames, select the best epoch on "
                         "them (train and val frames of it); the classic val is then only reported")
-    t.add_argument("--train-splits", default="train", help="comma-separated splits to train on (default train; "
+    t.add_argument("--train-splits", default=",".join(d.train_splits), help="comma-separated splits to train on (default train; "
                                                             "train,val for final weights: then nothing selects)")
     t.add_argument("--photometric", action="store_true", help="brightness/contrast/saturation/hue jitter, blur, noise")
-    t.add_argument("--thin-sampling", type=float, default=0.0, metavar="P",
+    t.add_argument("--thin-sampling", type=float, default=d.thin_sampling, metavar="P",
                    help="chance that a crop is centred on a thin class (Pole, SignSymbol, Fence, Pedestrian)")
-    t.add_argument("--label-smoothing", type=float, default=0.0)
-    t.add_argument("--ohem", type=float, default=0.0, metavar="P",
+    t.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
+    t.add_argument("--ohem", type=float, default=d.ohem, metavar="P",
                    help="train only on pixels whose true class has probability below P (and the hardest 1/16)")
-    t.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+    t.add_argument("--ema", type=float, default=d.ema, metavar="DECAY",
                    help="evaluate and save an exponential moving average of the weights (e.g. 0.999 per step)")
-    t.add_argument("--val-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
+    t.add_argument("--val-every", type=int, default=d.val_every, help="evaluate every N epochs (and after the last)")
     t.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     t.add_argument("--channels-last", action="store_true", help="channels-last memory format (faster on GPUs)")
-    t.add_argument("--seed", type=int, default=0, help="seed for repeatable runs")
-    t.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    t.add_argument("--workers", type=int, default=0,
+    t.add_argument("--seed", type=int, default=d.seed, help="seed for repeatable runs")
+    t.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads (0: default)")
+    t.add_argument("--workers", type=int, default=d.workers,
                    help="augmenting worker processes (default 0: in the main process); results do not depend on it")
-    t.add_argument("--max-train-images", type=int, default=0, help="use only the first N images (smoke runs)")
-    t.add_argument("--max-val-images", type=int, default=0, help="validate on only the first N images (smoke runs)")
-    t.add_argument("--stop-after", type=int, default=0, metavar="EPOCH",
+    t.add_argument("--max-train-images", type=int, default=d.max_train_images, help="use only the first N images (smoke runs)")
+    t.add_argument("--max-val-images", type=int, default=d.max_val_images, help="validate on only the first N images (smoke runs)")
+    t.add_argument("--stop-after", type=int, default=d.stop_after, metavar="EPOCH",
                    help="stop after this epoch, leaving a checkpoint that --resume continues (the schedule still "
                         "runs to --epochs)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
@@ -166,7 +170,6 @@ def run_export_onnx(args: argparse.Namespace) -> int:
         raise CliError("--kwargs, --torch-output, --bgr and --name describe your own model: use them with --torch")
 
     from dilseg.export.onnx_export import parse_size
-    from dilseg.export.train import camvid_meta
     from dilseg.export.weights import load_model
     from dilseg.runtime.files import sha256_file
     from dilseg.export.zoo import create_model
@@ -191,10 +194,7 @@ def run_export_onnx(args: argparse.Namespace) -> int:
         classes = classes or PRESETS["camvid"]
         model, name, digest = create_model(args.model, len(classes)), args.model, ""
     classes = classes or PRESETS["camvid"]
-    from dataclasses import replace
-
-    meta = replace(camvid_meta(name), classes=classes.names, palette=classes.palette,
-                   ignore_index=classes.ignore_index, output_kind=args.output_kind, weights_sha256=digest)
+    meta = classes.model_meta(name, output_kind=args.output_kind, weights_sha256=digest)
     if getattr(model, "num_classes", meta.num_classes) != meta.num_classes:
         raise CliError(f"the model has {model.num_classes} classes but {classes.source} lists {meta.num_classes}")
     return write_export(args, model, meta, name, size)
@@ -269,7 +269,7 @@ def write_export(args: argparse.Namespace, model, meta, name: str, size: tuple[i
 
 def run_train(args: argparse.Namespace) -> int:
     from dilseg.export.onnx_export import parse_size
-    from dilseg.export.train import TrainConfig, train
+    from dilseg.export.train import train
 
     from dilseg.runtime.cli import CliError
 

@@ -22,7 +22,7 @@ import csv
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from dilseg.runtime.classes import PRESETS
-from dilseg.runtime.dataset import CAMVID_CLASSES, CAMVID_IGNORE, SegmentationDataset
+from dilseg.runtime.dataset import SegmentationDataset
 from dilseg.runtime.errors import DilsegError
 from dilseg.runtime.files import atomic_write
 from dilseg.runtime.metadata import ModelMeta
@@ -40,6 +40,7 @@ from dilseg.runtime.preprocess import normalize
 
 from .augment import Photometric
 from .losses import segmentation_loss
+from .train_config import TrainConfig
 from .train_data import CropDataset, EpochSampler, Split, load_pairs, make_split, thin_pixels, worker_init
 from .weights import save_weights
 from .zoo import create_model
@@ -55,37 +56,6 @@ class TrainError(DilsegError, ValueError):
     """A training run that cannot start as asked (the message says what to change)."""
 
 
-@dataclass
-class TrainConfig:
-    model: str = "edge_m"
-    data: str = "../shared/data/camvid"
-    out: str = "training/runs/edge_m"
-    epochs: int = 60
-    batch_size: int = 8
-    crop: tuple[int, int] = (320, 416)  # (H, W) training crop
-    scale: tuple[float, float] = (0.75, 1.5)  # random rescale range
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: int = 2
-    poly_power: float = 0.9
-    seed: int = 0
-    threads: int = 0  # 0: torch's default
-    workers: int = 0  # augmenting DataLoader worker processes (0: in the main process)
-    val_every: int = 1
-    max_train_images: int = 0  # 0: all; small values for smoke tests
-    max_val_images: int = 0
-    holdout: str = ""  # a sequence to hold out (selects the best epoch); "" = classic val selects
-    train_splits: tuple[str, ...] = ("train",)
-    photometric: bool = False
-    thin_sampling: float = 0.0  # chance a crop is centred on a thin class (THIN_CLASSES)
-    label_smoothing: float = 0.0
-    ohem: float = 0.0  # keep pixels whose true-class probability is below this (0: off)
-    ema: float = 0.0  # EMA decay per step (0: off); EMA weights are evaluated and saved
-    stop_after: int = 0  # stop after this epoch (the schedule still runs to ``epochs``); 0: run to the end
-    amp: bool = False  # bf16 autocast (CUDA)
-    channels_last: bool = False
-
-
 def class_weights(labels: list[np.ndarray], num_classes: int, ignore: int) -> np.ndarray:
     """ENet's weighting 1 / ln(1.02 + p_class): rare classes count more, bounded at ~50x."""
     counts = np.zeros(num_classes, np.float64)
@@ -94,13 +64,6 @@ def class_weights(labels: list[np.ndarray], num_classes: int, ignore: int) -> np
         counts += np.bincount(valid.ravel(), minlength=num_classes)[:num_classes]
     p = counts / max(counts.sum(), 1)
     return (1.0 / np.log(1.02 + p)).astype(np.float32)
-
-
-def camvid_meta(model_name: str, input_size: tuple[int, int] | None = (360, 480)) -> ModelMeta:
-    from dilseg.runtime.dataset import CAMVID_PALETTE
-
-    return ModelMeta(model=model_name, classes=CAMVID_CLASSES, palette=CAMVID_PALETTE,
-                     input_size=input_size, ignore_index=CAMVID_IGNORE)
 
 
 def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -291,7 +254,7 @@ def train(cfg: TrainConfig, resume: bool = False, overwrite: bool = False) -> Pa
           + (f"; selecting on {selector}" if selector else "; no selection (fixed epoch count, last weights)"),
           flush=True)
     weights = torch.from_numpy(class_weights([p[1] for p in pairs], num_classes, ignore)).to(device)
-    meta = replace(camvid_meta(cfg.model), classes=classes.names, palette=classes.palette, ignore_index=ignore)
+    meta = replace(classes.model_meta(cfg.model), ignore_index=ignore)
     loader, sampler = _loader(cfg, pairs, meta, ignore, num_classes, device)
     steps_per_epoch = len(loader)
 

@@ -23,7 +23,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dilseg.export.onnx_export import export_onnx, parse_size
-from dilseg.export.train import camvid_meta
+from dilseg.runtime.classes import PRESETS
 from dilseg.export.zoo import create_model
 from dilseg.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
 
@@ -90,7 +90,7 @@ def main() -> None:
             model = create_model(name).eval()
             path = args.onnx or os.path.join(tmp, f"{name}.onnx")
             if not args.onnx:
-                export_onnx(model, camvid_meta(name, size), path, size)
+                export_onnx(model, PRESETS["camvid"].model_meta(name, size), path, size)
             backend = OnnxRuntimeBackend(path, threads=args.threads).load()
             models[name], backends[name] = model, backend
             fns[f"{name} ort"] = lambda b=backend: b.infer(x)

@@ -42,14 +42,14 @@ def small_model():
     """The edge_s torch module behind the small ONNX fixtures (eval mode)."""
     import torch
 
-    from dilseg.export.train import camvid_meta
+    from dilseg.runtime.classes import PRESETS
     from dilseg.export.zoo import create_model
     from dilseg.runtime.preprocess import preprocess
     from dilseg.runtime.sources import test_frame
 
     torch.manual_seed(0)
     model = create_model("edge_s").train()
-    meta = camvid_meta("edge_s", SMALL_SIZE)
+    meta = PRESETS["camvid"].model_meta("edge_s", SMALL_SIZE)
     frames = [test_frame(i, 160, 120) for i in range(0, 200, 20)]
     x = torch.from_numpy(np.concatenate([preprocess(f, meta) for f in frames]))
     with torch.no_grad():
@@ -62,9 +62,9 @@ def _export(model, out: Path, size: tuple[int, int] | None, output_kind: str) ->
     from dataclasses import replace
 
     from dilseg.export.onnx_export import export_onnx
-    from dilseg.export.train import camvid_meta
+    from dilseg.runtime.classes import PRESETS
 
-    meta = replace(camvid_meta("edge_s", size), output_kind=output_kind)
+    meta = replace(PRESETS["camvid"].model_meta("edge_s", size), output_kind=output_kind)
     export_onnx(model, meta, out, size)
     return out
 
@@ -141,11 +141,11 @@ class _SmallOnnx:
             import torch
 
             from dilseg.export.onnx_export import export_onnx
-            from dilseg.export.train import camvid_meta
+            from dilseg.runtime.classes import PRESETS
             from dilseg.export.zoo import create_model
 
             torch.manual_seed(0)
-            export_onnx(create_model("edge_s"), camvid_meta("edge_s"), path, (64, 96) if kind == "fixed" else None)
+            export_onnx(create_model("edge_s"), PRESETS["camvid"].model_meta("edge_s"), path, (64, 96) if kind == "fixed" else None)
         return path
 
 

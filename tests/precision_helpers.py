@@ -48,14 +48,14 @@ def train_tiny(path: Path, steps: int = 150, images: int = 48) -> None:
     import torch
     import torch.nn.functional as F
 
-    from dilseg.export.train import camvid_meta
+    from dilseg.runtime.classes import PRESETS
     from dilseg.export.weights import save_weights
     from dilseg.export.zoo import create_model
     from dilseg.runtime.dataset import CAMVID_CLASSES, CAMVID_IGNORE, SegmentationDataset
     from dilseg.runtime.preprocess import normalize
 
     data = SegmentationDataset(CAMVID, "train")
-    meta = camvid_meta("edge_s")
+    meta = PRESETS["camvid"].model_meta("edge_s")
     xs, ys = [], []
     for i in np.linspace(0, len(data) - 1, images).round().astype(int):
         image, label = data[i]

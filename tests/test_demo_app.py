@@ -37,13 +37,13 @@ def model(tmp_path_factory) -> Path:
     """edge_s, random weights (seeded), 64x96, exported and verified like any dilseg ONNX."""
     torch = pytest.importorskip("torch")
     from dilseg.export.onnx_export import export_onnx
-    from dilseg.export.train import camvid_meta
+    from dilseg.runtime.classes import PRESETS
     from dilseg.export.zoo import create_model
 
     path = tmp_path_factory.getbasetemp() / "demo_edge_s_64x96.onnx"
     if not path.exists():
         torch.manual_seed(0)
-        export_onnx(create_model("edge_s"), camvid_meta("edge_s"), path, (64, 96))
+        export_onnx(create_model("edge_s"), PRESETS["camvid"].model_meta("edge_s"), path, (64, 96))
     return path
 
 

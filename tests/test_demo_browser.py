@@ -53,7 +53,7 @@ CAMERA_SIZE = (240, 320)  # H, W of the fake webcam
 def model(tmp_path_factory) -> Path:
     torch = pytest.importorskip("torch")
     from dilseg.export.onnx_export import export_onnx
-    from dilseg.export.train import camvid_meta
+    from dilseg.runtime.classes import PRESETS
     from dilseg.export.zoo import create_model
 
     # DILSEG_DEMO_TEST_MODEL=models/edge_m_camvid.onnx measures the page with the shipped model
@@ -64,7 +64,7 @@ def model(tmp_path_factory) -> Path:
     path = tmp_path_factory.getbasetemp() / "demo_edge_s_64x96.onnx"
     if not path.exists():
         torch.manual_seed(0)
-        export_onnx(create_model("edge_s"), camvid_meta("edge_s"), path, (64, 96))
+        export_onnx(create_model("edge_s"), PRESETS["camvid"].model_meta("edge_s"), path, (64, 96))
     return path
 
 

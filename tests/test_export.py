@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from dilseg.export.onnx_export import ExportError, export_onnx, parse_size, verification_inputs, with_logits_output
-from dilseg.export.train import camvid_meta
+from dilseg.runtime.classes import PRESETS
 from dilseg.export.weights import WeightsError, load_model, load_weights, save_weights
 from dilseg.runtime.files import sha256_file
 from dilseg.export.zoo import create_model
@@ -65,7 +65,7 @@ def test_cli_export_writes_self_describing_verified_onnx(tmp_path, trained_weigh
 
 def test_exported_labels_match_pytorch(tmp_path, trained_weights) -> None:
     model, _ = load_model(trained_weights)
-    meta = camvid_meta("edge_s", (64, 96))
+    meta = PRESETS["camvid"].model_meta("edge_s", (64, 96))
     export_onnx(model, meta, tmp_path / "m.onnx", (64, 96), head="full")
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     model.eval()
@@ -78,7 +78,7 @@ def test_exported_labels_match_pytorch(tmp_path, trained_weights) -> None:
 
 def test_dynamic_export_runs_at_other_sizes(tmp_path, trained_weights) -> None:
     model, _ = load_model(trained_weights)
-    export_onnx(model, camvid_meta("edge_s"), tmp_path / "d.onnx", None)
+    export_onnx(model, PRESETS["camvid"].model_meta("edge_s"), tmp_path / "d.onnx", None)
     assert read_meta(tmp_path / "d.onnx").input_size is None
     sess = ort.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"])
     for h, w in [(48, 64), (120, 160)]:
@@ -158,7 +158,7 @@ def test_verification_failure_writes_nothing(tmp_path) -> None:
     model = create_model("edge_s")
     with pytest.raises(ExportError, match="disagrees"):
         # An impossible tolerance: the check must refuse and leave no file behind.
-        export_onnx(model, camvid_meta("edge_s"), tmp_path / "x.onnx", (64, 96), max_abs_diff=0.0, min_agreement=100.1)
+        export_onnx(model, PRESETS["camvid"].model_meta("edge_s"), tmp_path / "x.onnx", (64, 96), max_abs_diff=0.0, min_agreement=100.1)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -174,7 +174,7 @@ def test_head_labels_are_the_paper_heads_logits_averaged_over_each_block(tmp_pat
     which is the mean of the x8 logits over the block: the reduced heads give every block the
     label of the paper's head averaged over it."""
     model, _ = load_model(trained_weights)
-    meta = camvid_meta("edge_s", (64, 96))
+    meta = PRESETS["camvid"].model_meta("edge_s", (64, 96))
     export_onnx(model, meta, tmp_path / "m.onnx", (64, 96), head=head)
     assert read_meta(tmp_path / "m.onnx").extra["head"] == head
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
@@ -190,7 +190,7 @@ def test_head_labels_are_the_paper_heads_logits_averaged_over_each_block(tmp_pat
 
 def test_eighth_head_repeats_the_stride_8_labels(tmp_path, trained_weights) -> None:
     model, _ = load_model(trained_weights)
-    meta = camvid_meta("edge_s", (64, 96))
+    meta = PRESETS["camvid"].model_meta("edge_s", (64, 96))
     export_onnx(model, meta, tmp_path / "m.onnx", (64, 96), head="eighth")
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     x = verification_inputs(meta, (64, 96), n=1, seed=3)[0]
@@ -201,7 +201,7 @@ def test_eighth_head_repeats_the_stride_8_labels(tmp_path, trained_weights) -> N
 
 def test_default_head_is_half_for_zoo_models_and_the_reduced_head_is_cheaper(tmp_path, trained_weights) -> None:
     model, _ = load_model(trained_weights)
-    meta = camvid_meta("edge_s", (64, 96))
+    meta = PRESETS["camvid"].model_meta("edge_s", (64, 96))
     export_onnx(model, meta, tmp_path / "default.onnx", (64, 96))
     export_onnx(model, meta, tmp_path / "full.onnx", (64, 96), head="full")
     assert read_meta(tmp_path / "default.onnx").extra["head"] == "half"
@@ -228,7 +228,7 @@ def test_cli_head_option(tmp_path, trained_weights) -> None:
 
 def test_dynamic_reduced_head_crops_to_sizes_that_are_not_multiples_of_8(tmp_path, trained_weights) -> None:
     model, _ = load_model(trained_weights)
-    export_onnx(model, camvid_meta("edge_s"), tmp_path / "d.onnx", None, head="half")
+    export_onnx(model, PRESETS["camvid"].model_meta("edge_s"), tmp_path / "d.onnx", None, head="half")
     sess = ort.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"])
     for h, w in [(64, 96), (50, 70)]:
         assert sess.run(None, {"input": np.zeros((1, 3, h, w), np.float32)})[0].shape == (1, h, w)
@@ -246,7 +246,7 @@ class _OwnUpsampling(torch.nn.Module):
 
 
 def test_models_without_scores_keep_their_own_head(tmp_path) -> None:
-    meta = camvid_meta("edge_s", (64, 96))
+    meta = PRESETS["camvid"].model_meta("edge_s", (64, 96))
     export_onnx(_OwnUpsampling(), meta, tmp_path / "own.onnx", (64, 96))
     assert read_meta(tmp_path / "own.onnx").extra["head"] == "full"
     with pytest.raises(ExportError, match=r"scores\(\).*--head full"):
@@ -268,7 +268,7 @@ def test_cli_head_choices_are_the_exporters() -> None:
 def test_pytorch_backend_runs_channels_last_with_the_same_labels(trained_weights) -> None:
     from dilseg.runtime.backends import open_backend
 
-    x = verification_inputs(camvid_meta("edge_s", (64, 96)), (64, 96), n=1, seed=11)[0]
+    x = verification_inputs(PRESETS["camvid"].model_meta("edge_s", (64, 96)), (64, 96), n=1, seed=11)[0]
     fast = open_backend(trained_weights, input_size=(64, 96), head="half")
     plain = open_backend(trained_weights, input_size=(64, 96), head="half", channels_last=False)
     try:

@@ -81,12 +81,12 @@ def test_logits_and_dynamic_models_give_the_same_masks(tmp_path, small_model, sm
     from dataclasses import replace
 
     from dilseg.export.onnx_export import export_onnx
-    from dilseg.export.train import camvid_meta
+    from dilseg.runtime.classes import PRESETS
 
     # The logits graph is the full-resolution head; its labels twin must be that head too (the
     # default label head, "half", decides at half resolution and may differ by design).
     full = tmp_path / "edge_s_full_head.onnx"
-    export_onnx(small_model, replace(camvid_meta("edge_s", (64, 96)), output_kind="labels"), full, (64, 96), head="full")
+    export_onnx(small_model, replace(PRESETS["camvid"].model_meta("edge_s", (64, 96)), output_kind="labels"), full, (64, 96), head="full")
     frames = [test_frame(i, 96, 64) for i in range(6)]  # what test://96x64 yields
     results = {}
     for key, path in (("labels", small_onnx), ("logits", small_onnx_logits), ("dynamic", small_onnx_dynamic),

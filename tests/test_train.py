@@ -17,7 +17,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from dilseg.export.augment import Photometric, geometric, photometric
-from dilseg.export.train import THIN_CLASSES, TrainConfig, TrainError, camvid_meta, class_weights
+from dilseg.export.train import THIN_CLASSES, TrainConfig, TrainError, class_weights
+from dilseg.runtime.classes import PRESETS
 from dilseg.export.train import train as train_in_process
 from dilseg.export.train_data import CropDataset, EpochSampler, load_pairs, make_split, thin_pixels
 from dilseg.runtime.dataset import CAMVID_CLASSES, CAMVID_IGNORE, DatasetError, sequence_of
@@ -138,7 +139,7 @@ def test_centred_crop_contains_the_chosen_pixel() -> None:
 @needs_camvid
 def test_photometric_changes_pixels_not_labels() -> None:
     pairs = load_pairs(make_split(str(CAMVID), "0006R0").train, 2)
-    meta = camvid_meta("edge_s")
+    meta = PRESETS["camvid"].model_meta("edge_s")
     plain = CropDataset(pairs, meta, (200, 256), (0.5, 2.0), CAMVID_IGNORE, seed=5)
     photo = CropDataset(pairs, meta, (200, 256), (0.5, 2.0), CAMVID_IGNORE, seed=5, photo=Photometric())
     changed = 0
@@ -174,7 +175,7 @@ def test_rare_class_sampling_puts_thin_classes_in_the_crops() -> None:
     pairs = load_pairs(make_split(str(CAMVID), "0006R0").train, 12)
     ids = tuple(CAMVID_CLASSES.index(c) for c in THIN_CLASSES)
     thin = thin_pixels([lab for _, lab in pairs], ids)
-    data = CropDataset(pairs, camvid_meta("edge_s"), (96, 128), (0.75, 1.5), CAMVID_IGNORE, 0, thin=thin)
+    data = CropDataset(pairs, PRESETS["camvid"].model_meta("edge_s"), (96, 128), (0.75, 1.5), CAMVID_IGNORE, 0, thin=thin)
     keys = list(EpochSampler(len(pairs), 0, thin, thin_p=1.0))
     assert all(k[3] in ids for k in keys)
     assert all((data.sample(k)[1] == k[3]).any() for k in keys)
@@ -191,7 +192,7 @@ def test_workers_give_the_same_batches_as_the_main_process() -> None:
     batches = {}
     for workers in (0, 2):
         cfg.workers = workers
-        loader, sampler = _loader(cfg, pairs, camvid_meta("edge_s"), CAMVID_IGNORE, 11, torch.device("cpu"))
+        loader, sampler = _loader(cfg, pairs, PRESETS["camvid"].model_meta("edge_s"), CAMVID_IGNORE, 11, torch.device("cpu"))
         got = []
         for epoch in (0, 1):
             sampler.set_epoch(epoch)
