@@ -64,6 +64,7 @@ class _Request:
     size: int = 0
     started: float = 0.0
     infer_ms: float = 0.0
+    own_preprocess_ms: float = 0.0  # of infer_ms, what a frame-input backend spent preprocessing
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -216,21 +217,25 @@ class Batcher:
 
     def _take(self) -> list[_Request] | None:
         with self._cond:
-            self._cond.wait_for(lambda: self._pending or self._closed)
-            if not self._pending:
-                return None
-            share = max(1, -(-len(self._streams) // self.instances))  # ceil(streams / instances)
-            limit = min(self.limit, share) if self.limit is not None else share
-            limit = max(limit, 1)
-            if limit > 1:
-                # Counted from when this thread is free: frames that came during the last batch
-                # have waited already, but the streams it just answered need a moment to offer again.
-                deadline = time.perf_counter() + self._wait_s(limit)
-                while not self._closed and self._still_coming(limit):
-                    left = deadline - time.perf_counter()
-                    if left <= 0:
-                        break
-                    self._cond.wait(left)
+            while True:
+                self._cond.wait_for(lambda: self._pending or self._closed)
+                if not self._pending:
+                    return None
+                share = max(1, -(-len(self._streams) // self.instances))  # ceil(streams / instances)
+                limit = min(self.limit, share) if self.limit is not None else share
+                limit = max(limit, 1)
+                if limit > 1:
+                    # Counted from when this thread is free: frames that came during the last batch
+                    # have waited already, but the streams it just answered need a moment to offer again.
+                    deadline = time.perf_counter() + self._wait_s(limit)
+                    while not self._closed and self._still_coming(limit):
+                        left = deadline - time.perf_counter()
+                        if left <= 0:
+                            break
+                        self._cond.wait(left)
+                if self._pending:
+                    break
+                # Another instance took the frames while this one waited for more: start over.
             # Frames of one shape only (a dynamic-size model may see several); the rest keep
             # their place for the next batch.
             shape = self._pending[0].shape
@@ -260,9 +265,11 @@ class Batcher:
     def _run(self, batch: list[_Request]) -> None:
         started = time.perf_counter()
         error: BaseException | None = None
+        pre_ms = 0.0
         try:
             if self.frame_input:
                 outputs = [self.backend.infer_frame(batch[0].frame)]
+                pre_ms = self.backend.own_preprocess_ms()
             else:
                 tensors = [r.tensor for r in batch]
                 pad = max(0, self.min_batch - len(tensors))
@@ -286,6 +293,7 @@ class Batcher:
         answered = time.perf_counter()
         for r, output in zip(batch, outputs):
             r.output, r.error, r.size, r.started, r.infer_ms = output, error, len(batch), started, ms
+            r.own_preprocess_ms = pre_ms
             r.stream.answered(answered)
             r.done.set()
 
@@ -341,8 +349,11 @@ class StreamSegmenter(Segmenter):
         labels = postprocess(request.output, self.meta, frame.shape)
         t3 = time.perf_counter()
         self.frames += 1
-        timings = {"preprocess": (t1 - t0) * 1e3, "batch_wait": (request.started - request.submitted) * 1e3,
-                   "infer": request.infer_ms, "postprocess": (t3 - t2) * 1e3}
+        # As in Segmenter.process: a frame-input backend's own preprocessing is "preprocess",
+        # so "infer" means the same on every backend.
+        pre_ms = request.own_preprocess_ms
+        timings = {"preprocess": (t1 - t0) * 1e3 + pre_ms, "batch_wait": (request.started - request.submitted) * 1e3,
+                   "infer": request.infer_ms - pre_ms, "postprocess": (t3 - t2) * 1e3}
         return Segmentation(labels, timings, frame, batch=request.batch)
 
     __call__ = process

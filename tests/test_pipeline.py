@@ -255,6 +255,18 @@ def test_stage_timings_mean_the_same_on_a_backend_that_preprocesses_frames_itsel
     frame = test_frame(3, 160, 120)
     plain = Segmenter(open_backend(small_onnx, threads=1))
     framed = Segmenter(FrameInputBackend(small_onnx, threads=1).load())
+    # The multi-stream path (one backend shared through a Batcher) splits the same way.
+    from dilseg.runtime.batching import Batcher
+
+    batcher = Batcher(framed.backend)
+    stream = batcher.stream("s")
+    try:
+        shared = stream.process(frame)
+        assert shared.timings["preprocess"] >= 20.0
+        assert 0.0 < shared.timings["infer"] < 20.0
+    finally:
+        stream.close()
+        batcher.close()
     for _ in range(2):
         t0 = time.perf_counter()
         result = framed.process(frame)
