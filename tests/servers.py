@@ -23,6 +23,7 @@ run cannot pass by skipping what it was meant to install.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import hashlib
@@ -82,7 +83,7 @@ def _child_env(extra: dict | None = None, path_first: Path | None = None) -> dic
 
 # -- child-process servers ------------------------------------------------------------------
 
-class ServerProcess:
+class ServerProcess(abc.ABC):
     """A server run as a child process (see the module docstring)."""
 
     kind = "server"
@@ -97,8 +98,9 @@ class ServerProcess:
         self.starts = 0
 
     # subclasses: what to run, and when it counts as serving
+    @abc.abstractmethod
     def command(self) -> list[str]:
-        raise NotImplementedError
+        """The child's argv."""
 
     def env(self) -> dict:
         return _child_env()
