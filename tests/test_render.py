@@ -1,4 +1,4 @@
-"""render() draws with cv2.LUT, cv2.addWeighted and cv2.copyTo: the same pixels as the numpy
+"""render() draws with cv2.applyColorMap, cv2.addWeighted and cv2.copyTo: the same pixels as the numpy
 implementation it replaced (kept below as the reference), on real CamVid frames at 720x960
 with the shipped model's labels and with ground-truth labels (which include void)."""
 
@@ -22,7 +22,7 @@ SIZE = (720, 960)
 
 
 def reference_render(frame, labels, meta, view="overlay", alpha=0.5, visible=None, legend=False):
-    """render() as it was before cv2.LUT: numpy fancy indexing and a boolean-mask copy."""
+    """render() as it was before OpenCV drew it: numpy fancy indexing and a boolean-mask copy."""
     lut = palette_bgr(meta, visible)
     mask = lut[labels]
     if view == "mask":
