@@ -56,6 +56,41 @@ def test_f32_labels_are_onnx_runtimes(frames, tmp_path) -> None:
             assert set(be.last_timings) == {"ov_infer", "ov_output"} and be.last_timings["ov_infer"] > 0
 
 
+@needs_camvid
+@pytest.mark.parametrize("color_order", ["RGB", "BGR"])
+def test_frames_normalised_inside_the_graph_give_the_labels_of_preprocess(frames, tmp_path, color_order) -> None:
+    """infer_frame (OpenCV resize, then u8 -> float, colour order, mean/std and layout inside
+    OpenVINO's graph) against infer(preprocess(frame)), at the model's size and at 720x960,
+    for a model of either colour order with its own mean/std."""
+    import cv2
+
+    from dilseg.export.onnx_meta import attach_metadata
+    from dilseg.runtime.segmenter import Segmenter
+
+    model = onnx.load(str(SHIPPED))
+    meta = read_meta(SHIPPED)
+    if color_order == "BGR":
+        meta = meta.__class__(**{**meta.__dict__, "color_order": "BGR", "mean": (0.4, 0.5, 0.6),
+                                 "std": (0.3, 0.2, 0.25)})
+    attach_metadata(model, meta)
+    path = tmp_path / f"m_{color_order}.onnx"
+    onnx.save(model, str(path))
+    with open_backend(path, "openvino", ov_precision="f32", ov_cache=str(tmp_path), log=lambda _: None) as be:
+        assert be.capabilities.frame_input and be.meta.color_order == color_order
+        for frame in frames + [cv2.resize(frames[0], (960, 720), interpolation=cv2.INTER_LINEAR)]:
+            want = be.infer(preprocess(frame, be.meta))
+            got = be.infer_frame(frame)
+            assert got.shape == want.shape and got.dtype == want.dtype
+            assert (got == want).mean() >= 0.9999, "the in-graph normalisation differs from preprocess"
+            assert set(be.last_timings) == {"host_preprocess", "ov_infer", "ov_output"}
+        # The Segmenter takes the frame path and reports the resize as its preprocess stage.
+        result = Segmenter(be).process(frames[1])
+        assert result.timings["preprocess"] == be.last_timings["host_preprocess"]
+        assert (result.labels == be.infer(preprocess(frames[1], be.meta))[0]).mean() >= 0.9999
+        with pytest.raises(BackendError, match="BGR uint8"):
+            be.infer_frame(frames[0].astype(np.float32))
+
+
 def argmax_graph(path: Path) -> Path:
     """ArgMax over channels of the input itself, then Cast: the label head's tail alone."""
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4, 3, 5])
