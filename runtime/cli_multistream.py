@@ -34,6 +34,33 @@ def check_stream_options(args: argparse.Namespace) -> None:
             raise CliError(f"{flag} {value}: must be 1 or more")
 
 
+def stream_defaults(args: argparse.Namespace, model) -> None:
+    """Several streams on OpenVINO with no --ov-hint: the throughput hint on a graph fixed at one
+    frame, so a batch of the streams' frames runs as parallel requests, one per CPU stream
+    (measured ahead of one frame at a time on every core, and of a batch-N graph, which OpenVINO
+    runs slower per frame: README, Many cameras). A free batch axis keeps the latency hint: there
+    the backend runs the whole batch as one request, which under the throughput hint would get
+    one CPU stream's share of the cores."""
+    if getattr(args, "ov_hint", None) is not None or args.backend not in ("auto", "openvino"):
+        return
+    path = model
+    if args.backend == "auto":  # resolved as _open_backend resolves it
+        from .autoselect import pick
+
+        choice = pick(model) if isinstance(model, Path) else None
+        if choice is None or choice.backend != "openvino":
+            return
+        path = choice.path
+    import openvino as ov
+
+    try:
+        fixed = not ov.Core().read_model(str(path)).inputs[0].get_partial_shape()[0].is_dynamic
+    except Exception:  # noqa: BLE001 - unreadable here: the backend's own load says why
+        return
+    if fixed:
+        args.ov_hint = "throughput"
+
+
 def _open_sources(specs: list[str], **opts) -> list:
     from .sources import SourceError, open_source
 
@@ -88,6 +115,7 @@ def run_streams(args: argparse.Namespace, specs: list[str], model) -> int:
             mosaic_sinks = ([open_sink("window:dilseg")] if args.show else []) + \
                 ([open_sink(f"video:{args.mosaic}", fps=args.output_fps or sources[0].fps)] if args.mosaic else [])
             opened_sinks += mosaic_sinks
+            stream_defaults(args, model)
             backend = _open_backend(args, model)
         except BaseException:
             for sink in opened_sinks:
@@ -168,6 +196,7 @@ def bench_streams(args: argparse.Namespace, specs: list[str], model) -> int:
         sources = _open_sources(specs)
         for source in sources:
             stack.callback(source.close)
+        stream_defaults(args, model)
         backend = _open_backend(args, model)
         stack.callback(backend.close)
         run = MultiStream(sources, backend, [[Sink()] for _ in sources], max_frames=args.warmup + args.frames,

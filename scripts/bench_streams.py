@@ -64,9 +64,17 @@ def run_dilseg(commands: list[list[str]], reports: list[Path], seconds: float) -
         if p.returncode not in (0, 128 + signal.SIGTERM) or not report.exists():  # stopped by SIGTERM: 143
             raise SystemExit(f"`dilseg run` failed ({p.returncode}):\n{err[-2000:]}")
         data = json.loads(report.read_text())
+        # The work done, checked: every stream segmented its frames (each went through the
+        # backend: its calls' items), and a multi-stream run's batches say how it shared it.
+        batches = data.get("batches", {})
         for s in data.get("streams", [data]):  # several sources: one entry per stream
+            stages = s.get("stages_ms", {})
+            if s["frames_out"] <= s["warmup"] or not all(stages.get(k, {}).get("n") for k in ("infer", "render")):
+                raise SystemExit(f"`dilseg run` segmented and rendered no frame of {s.get('source', 'its source')} "
+                                 f"after the warm-up: {' '.join(p.args)}")
             streams.append({"fps": s["fps"], "p50": s["latency_ms"]["p50"], "p95": s["latency_ms"]["p95"],
-                            "dropped": s["dropped"], "frames": s["frames_out"] - s["warmup"]})
+                            "dropped": s["dropped"], "frames": s["frames_out"] - s["warmup"],
+                            "mean_batch": batches.get("mean_size", 1.0), "batching": data.get("batching", "")})
         report.unlink()
     return streams
 
@@ -78,25 +86,36 @@ def processes(n: int, opts: argparse.Namespace, *more: str) -> list[dict]:
     return run_dilseg([cmd] * n, [opts.workdir / f"proc_{k}.json" for k in range(n)], opts.seconds)
 
 
+def one_run(model: str, n: int, opts: argparse.Namespace, *more: str) -> list[dict]:
+    """One `dilseg run` with N live streams of ``model`` through one backend."""
+    cmd = DILSEG + ["run", "--model", model, "--warmup", str(opts.warmup), *more] + opts.extra
+    for _ in range(n):
+        cmd += ["--source", opts.source]
+    return run_dilseg([cmd], [opts.workdir / "multi.json"], opts.seconds)
+
+
 def multistream(n: int, opts: argparse.Namespace, *more: str) -> list[dict]:
-    """(b) one `dilseg run` with N live streams through one backend, batched."""
-    cmd = DILSEG + ["run", "--model", opts.batch_model, "--warmup", str(opts.warmup), *more] + opts.extra
-    for _ in range(n):
-        cmd += ["--source", opts.source]
-    return run_dilseg([cmd], [opts.workdir / "multi.json"], opts.seconds)
+    """(b) one `dilseg run` with N sources, as it runs by default: the model as it is (on OpenVINO,
+    a batch of the streams' frames runs as parallel requests; on ONNX Runtime, a graph fixed at one
+    frame runs them one after another)."""
+    return one_run(opts.model, n, opts, *more)
 
 
-def multistream_unbatched(n: int, opts: argparse.Namespace, *more: str) -> list[dict]:
-    """(c) one `dilseg run` with N live streams through one backend of the model as it is (batch
-    fixed at one: frames one after another, no batching)."""
-    cmd = DILSEG + ["run", "--model", opts.model, "--warmup", str(opts.warmup), *more] + opts.extra
-    for _ in range(n):
-        cmd += ["--source", opts.source]
-    return run_dilseg([cmd], [opts.workdir / "multi.json"], opts.seconds)
+def multistream_dynamic(n: int, opts: argparse.Namespace, *more: str) -> list[dict]:
+    """(b1) one `dilseg run` with N sources on the model's `--batch dynamic` copy: one inference
+    of a batch of the streams' frames."""
+    return one_run(opts.batch_model, n, opts, *more)
+
+
+def one_by_one(n: int, opts: argparse.Namespace, *more: str) -> list[dict]:
+    """(b3) one `dilseg run` with N sources, the model as it is, one frame per inference (on
+    OpenVINO: --ov-hint latency, every core on each frame)."""
+    hint = ["--ov-hint", "latency"] if opts.backend == "openvino" else []
+    return one_run(opts.model, n, opts, *hint, *more)
 
 
 def per_core(run: Callable[..., list[dict]], *more: str) -> Callable[[int, argparse.Namespace], list[dict]]:
-    """A contender with one ONNX Runtime thread per inference (and ``more`` options)."""
+    """A contender with one inference thread per inference (and ``more`` options)."""
     return lambda n, opts: run(n, opts, "--threads", "1", *more)
 
 
@@ -104,11 +123,17 @@ def per_core(run: Callable[..., list[dict]], *more: str) -> Callable[[int, argpa
 CONTENDERS: dict[str, tuple[str, Callable[[int, argparse.Namespace], list[dict]]]] = {
     "processes": ("(a) N separate `dilseg run` processes", processes),
     "processes-1t": ("(a1) the same, --threads 1 each", per_core(processes)),
-    "multistream": ("(b) one `dilseg run`, N sources batched", multistream),
-    "multistream-2x1t": ("(b2) the same, --instances 2 --threads 1", per_core(multistream, "--instances", "2")),
-    "unbatched-2x1t": ("(b3) one `dilseg run`, batch-1 model, 2x1t", per_core(multistream_unbatched,
-                                                                             "--instances", "2")),
+    "multistream": ("(b) one `dilseg run`, N sources (default)", multistream),
+    "multistream-dyn": ("(b1) the same, --batch dynamic model", multistream_dynamic),
+    "multistream-dyn-2x1t": ("(b2) (b1) with --instances 2 --threads 1", per_core(multistream_dynamic,
+                                                                               "--instances", "2")),
+    "one-by-one": ("(b3) one run, one frame per inference", one_by_one),
+    "one-by-one-2x1t": ("(b4) (b3) with --instances 2 --threads 1", per_core(one_by_one, "--instances", "2")),
 }
+# What runs unless --contenders says: several inferences at once (--instances) is refused by
+# OpenVINO, whose parallel requests are its own batch mode.
+DEFAULT_CONTENDERS = {"openvino": "processes,processes-1t,multistream,multistream-dyn,one-by-one"}
+OTHER_CONTENDERS = "processes,processes-1t,multistream-dyn,multistream-dyn-2x1t,one-by-one-2x1t"
 
 
 def combine(streams: list[dict]) -> dict:
@@ -116,6 +141,7 @@ def combine(streams: list[dict]) -> dict:
     return {"aggregate_fps": sum(fps), "min_fps": min(fps), "max_fps": max(fps),
             "spread": (max(fps) - min(fps)) / max(fps) if max(fps) > 0 else 0.0,
             "p50_ms": statistics.median(s["p50"] for s in streams), "p95_ms": max(s["p95"] for s in streams),
+            "mean_batch": statistics.mean(s["mean_batch"] for s in streams),
             "dropped": sum(s["dropped"] for s in streams)}
 
 
@@ -136,6 +162,23 @@ def batch_model(model: str, workdir: Path) -> str:
     return str(out)
 
 
+def pin_backend(opts: argparse.Namespace) -> str:
+    """Every contender runs the same backend at the same precision: what `--backend auto` picks
+    for the model (unless the extra options name one), pinned on each command line, since the
+    batch-freed copy has no variants beside it and auto alone would run it on another backend."""
+    if "--backend" in opts.extra:
+        return opts.extra[opts.extra.index("--backend") + 1]
+    from dilseg.runtime.autoselect import pick
+
+    choice = pick(Path(opts.model))
+    if choice is None:
+        return "auto"
+    opts.model = str(choice.path)
+    opts.extra = ["--backend", choice.backend,
+                  *[a for k, v in choice.options.items() for a in (f"--{k.replace('_', '-')}", str(v))], *opts.extra]
+    return choice.backend
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--streams", default="1,2,4,8", help="stream counts N (default 1,2,4,8)")
@@ -146,15 +189,17 @@ def main() -> None:
     ap.add_argument("--source", default="test://480x360?fps=30", help="each stream's live source "
                                                                       "(default test://480x360?fps=30)")
     ap.add_argument("--model", default="", help="the .onnx (default: the shipped model)")
-    ap.add_argument("--contenders", default=",".join(CONTENDERS), help=f"which (default {','.join(CONTENDERS)})")
+    ap.add_argument("--contenders", help=f"which, of {','.join(CONTENDERS)} (default on OpenVINO "
+                                         f"{DEFAULT_CONTENDERS['openvino']}; else {OTHER_CONTENDERS})")
     ap.add_argument("--json", help="also write every measurement as JSON")
     opts, extra = ap.parse_known_args()
     opts.extra = extra  # passed to every `dilseg run` (e.g. --threads 1)
     from dilseg.runtime.defaults import default_model_path
 
     opts.model = opts.model or str(default_model_path())
+    opts.backend = pin_backend(opts)
     counts = [int(n) for n in opts.streams.split(",")]
-    chosen = [c for c in opts.contenders.split(",") if c]
+    chosen = [c for c in (opts.contenders or DEFAULT_CONTENDERS.get(opts.backend, OTHER_CONTENDERS)).split(",") if c]
     unknown = [c for c in chosen if c not in CONTENDERS]
     if unknown:
         raise SystemExit(f"unknown contender(s) {', '.join(unknown)}; choose from {', '.join(CONTENDERS)}")
@@ -167,12 +212,15 @@ def main() -> None:
                 order = chosen if r % 2 == 0 else chosen[::-1]
                 for name in order:
                     print(f"... round {r + 1}/{opts.rounds}, N={n}: {CONTENDERS[name][0]}", file=sys.stderr, flush=True)
-                    rows.append({"round": r, "contender": name, "streams": n, **combine(CONTENDERS[name][1](n, opts))})
+                    streams = CONTENDERS[name][1](n, opts)
+                    if r == 0 and streams[0]["batching"]:
+                        print(f"    backend shared as: {streams[0]['batching']}", file=sys.stderr)
+                    rows.append({"round": r, "contender": name, "streams": n, **combine(streams)})
     print(f"\nmachine: {machine()}; each stream {opts.source}; {opts.seconds:g} s per row after {opts.warmup} "
           f"warm-up frames, {opts.rounds} round(s) interleaved, mean shown; model {Path(opts.model).name}"
           + (f"; extra: {' '.join(opts.extra)}" if opts.extra else "") + "\n")
     print(f"{'contender':<42}{'N':>3}{'agg FPS':>9}{'stream FPS min/max':>20}{'spread':>8}{'p50 ms':>9}"
-          f"{'p95 ms':>9}")
+          f"{'p95 ms':>9}{'batch':>7}")
     table = {}
     for name in chosen:
         for n in counts:
@@ -180,7 +228,8 @@ def main() -> None:
             mean = {k: statistics.mean(row[k] for row in got) for k in got[0] if k not in ("round", "contender")}
             table[name, n] = mean
             print(f"{CONTENDERS[name][0]:<42}{n:>3}{mean['aggregate_fps']:>9.1f}{mean['min_fps']:>12.1f} /"
-                  f"{mean['max_fps']:>6.1f}{mean['spread'] * 100:>7.0f}%{mean['p50_ms']:>9.0f}{mean['p95_ms']:>9.0f}")
+                  f"{mean['max_fps']:>6.1f}{mean['spread'] * 100:>7.0f}%{mean['p50_ms']:>9.0f}{mean['p95_ms']:>9.0f}"
+                  f"{mean['mean_batch']:>7.2f}")
     print()
     for multi in [c for c in chosen if not c.startswith("processes")]:
         for single in [c for c in chosen if c.startswith("processes")]:
