@@ -40,8 +40,19 @@ class HeadError(DilsegError, ValueError):
 
 
 def has_scores(model: nn.Module) -> bool:
-    """Whether the model exposes its class scores before the final upsampling."""
+    """Whether the model exposes its class scores at stride 8 before the final upsampling.
+
+    The reduced heads are defined on a stride-8 map; a model at another stride (the front-end
+    study's edge_m_os32, stride 32) exports with ``full``: its own bilinear upsampling.
+    """
     return callable(getattr(model, "scores", None)) and getattr(model, "output_stride", None) == 8
+
+
+def _why_no_scores(model: nn.Module) -> str:
+    stride = getattr(model, "output_stride", None)
+    if callable(getattr(model, "scores", None)) and stride is not None:
+        return f"{type(model).__name__}'s scores are at output stride {stride}"
+    return f"{type(model).__name__} does not"
 
 
 def resolve_head(model: nn.Module, head: str | None, output_kind: str = "labels") -> str:
@@ -60,7 +71,7 @@ def resolve_head(model: nn.Module, head: str | None, output_kind: str = "labels"
         return DEFAULT_HEAD if has_scores(model) else "full"
     if head != "full" and not has_scores(model):
         raise HeadError(f"head {head!r} needs a model exposing its stride-8 class scores (a scores() method); "
-                        f"{type(model).__name__} does not: use --head full")
+                        f"{_why_no_scores(model)}: use --head full")
     return head
 
 
@@ -74,7 +85,8 @@ class LabelHead(nn.Module):
         if head not in HEADS:
             raise HeadError(f"unknown head {head!r}; choose one of: {', '.join(HEADS)}")
         if head != "full" and not has_scores(model):
-            raise HeadError(f"head {head!r} needs a model with a scores() method at output stride 8")
+            raise HeadError(f"head {head!r} needs a model with a scores() method at output stride 8; "
+                            f"{_why_no_scores(model)}")
         self.model, self.head, self.crop = model, head, crop
         self.repeat = REPEAT[head]
 

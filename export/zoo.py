@@ -9,7 +9,7 @@ from torch import nn
 from dilseg.runtime.errors import DilsegError
 
 from .dilation import dilation8_basic, dilation8_large
-from .edge import edge_l, edge_m, edge_s
+from .edge import edge_l, edge_m, edge_m_large, edge_m_large_randinit, edge_m_nocontext, edge_m_os32, edge_s
 
 MODELS: dict[str, Callable[[int], nn.Module]] = {
     "edge_s": edge_s,
@@ -17,6 +17,13 @@ MODELS: dict[str, Callable[[int], nn.Module]] = {
     "edge_l": edge_l,
     "dilation8_basic": dilation8_basic,
     "dilation8_large": dilation8_large,
+    # The front-end study (training/README.md, step 8): edge_m's front-end at output stride 32
+    # without context, at 8 without context, and with the large context (identity or random
+    # init); its basic-context row is "edge_m" itself.
+    "edge_m_os32": edge_m_os32,
+    "edge_m_nocontext": edge_m_nocontext,
+    "edge_m_large": edge_m_large,
+    "edge_m_large_randinit": edge_m_large_randinit,
 }
 DEFAULT_MODEL = "edge_m"
 
