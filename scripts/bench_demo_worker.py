@@ -14,7 +14,10 @@ from __future__ import annotations
 import argparse
 import time
 
+from pathlib import Path
+
 from dilseg.demo import shared_camera
+from dilseg.demo.loading import auto_choice, load_segmenter
 from dilseg.runtime.backends import open_backend
 from dilseg.runtime.defaults import default_model_path
 from dilseg.runtime.segmenter import Segmenter
@@ -27,9 +30,17 @@ def main() -> None:
     ap.add_argument("--source", default="test://640x480?fps=30")
     ap.add_argument("--seconds", type=float, default=8.0, help="measured time after a 3 s warm-up")
     ap.add_argument("--view", default="overlay", choices=["overlay", "mask", "side-by-side"])
+    ap.add_argument("--threads", type=int, help="inference threads (default: the backend's choice, every core)")
     args = ap.parse_args()
     settings = ViewSettings(view=args.view)
-    worker = shared_camera.acquire(args.source, Segmenter(open_backend(args.model)))
+    if args.threads is None:
+        segmenter = load_segmenter(Path(args.model), "auto")  # what the page's default runs
+    else:
+        choice = auto_choice(Path(args.model))
+        path, backend, options = (choice.path, choice.backend, choice.options) if choice else (args.model, "auto", {})
+        segmenter = Segmenter(open_backend(path, backend, **{**options, "threads": args.threads}))
+    print(f"backend: {segmenter.backend.name} on {Path(segmenter.backend.path).name}")
+    worker = shared_camera.acquire(args.source, segmenter)
     stream = worker.open_stream("bench", settings, lambda: None)  # one viewer: one view drawn and encoded per frame
     try:
         time.sleep(3.0)
