@@ -122,12 +122,17 @@ def run_streams(args: argparse.Namespace, specs: list[str], model) -> int:
                 sink.abort()
             raise
         stack.callback(backend.close)
-        mosaic = Mosaic(mosaic_sinks, count, titles=[f"{i}: {s.spec}" for i, s in enumerate(sources)]) \
-            if mosaic_sinks else None
-        view = ViewSettings(args.view, args.alpha, legend=args.legend)
-        run = MultiStream(sources, backend, per_stream, view=view, mosaic=mosaic, max_frames=args.max_frames,
-                          warmup=args.warmup, max_batch=args.max_batch, instances=args.instances or 1,
-                          progress=not args.quiet)
+        try:  # the batcher refuses what the backend cannot do (--max-batch, --instances): nothing written
+            mosaic = Mosaic(mosaic_sinks, count, titles=[f"{i}: {s.spec}" for i, s in enumerate(sources)]) \
+                if mosaic_sinks else None
+            view = ViewSettings(args.view, args.alpha, legend=args.legend)
+            run = MultiStream(sources, backend, per_stream, view=view, mosaic=mosaic, max_frames=args.max_frames,
+                              warmup=args.warmup, max_batch=args.max_batch, instances=args.instances or 1,
+                              progress=not args.quiet)
+        except BaseException:
+            for sink in opened_sinks:
+                sink.abort()
+            raise
         live = sum(s.live for s in sources)
         print(f"dilseg run: {Path(str(model)).name} ({backend.name}) on {count} sources ({live} live); "
               f"{run.batcher.describe()}", file=sys.stderr)

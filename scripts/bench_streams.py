@@ -4,24 +4,33 @@ latency for N = 1, 2, 4, 8 live test:// streams through each contender, interlea
     python scripts/bench_streams.py                          # N = 1,2,4,8, 20 s per row, 2 rounds
     python scripts/bench_streams.py --streams 4 --seconds 30 --rounds 3 --json streams.json
 
-Contenders (a function each, in CONTENDERS; another script can add its own with the same
-signature, e.g. N clients of a Triton server):
-  processes         N separate `dilseg run --source test://...` processes (one stream each)
-  processes-1t      the same with --threads 1 (one ONNX Runtime thread per process)
-  multistream       one `dilseg run` with N --source: one backend, the streams' frames batched
-                    (the model's batch axis freed with `dilseg export onnx --from M --batch dynamic`)
-  multistream-2x1t  the same with --instances 2 --threads 1 (two batches at once, a thread each)
-  unbatched-2x1t    one `dilseg run` with N --source on the model as it is (batch fixed at 1: one
-                    backend, frames one after another), --instances 2 --threads 1
+Every contender runs the backend and precision `--backend auto` picks for the model (pinned on
+each command line: OpenVINO bf16 on a CPU with AMX, else ONNX Runtime), unless the extra options
+name one. Contenders (a function each, in CONTENDERS; another script can add its own with the
+same signature, e.g. N clients of a Triton server):
+  processes             N separate `dilseg run --source test://...` processes (one stream each)
+  processes-1t          the same with --threads 1 (one inference thread per process)
+  multistream           one `dilseg run` with N --source as it runs by default: the model as it
+                        is (on OpenVINO: the throughput hint, a batch of the streams' frames run as
+                        parallel requests; on ONNX Runtime: one frame after another)
+  multistream-dyn       the same on the model's `--batch dynamic` copy: one inference per batch
+  multistream-dyn-2x1t  that with --instances 2 --threads 1 (two batches at once, a thread each)
+  one-by-one            the model as it is, one frame per inference (OpenVINO: --ov-hint latency)
+  one-by-one-2x1t       that with --instances 2 --threads 1 (not on OpenVINO, which refuses it)
 
-Both run the same command line (`dilseg run`, overlay rendered, no output written), so they do
+All run the same command line (`dilseg run`, overlay rendered, no output written), so they do
 the same work per frame; every stream is a live test://WxH?fps=F camera (newest frame wins: a
 slow consumer drops frames rather than queue them). A row starts its processes, waits until
 each has started its streams, lets them run ``--seconds`` and stops them with SIGTERM; the
 figures come from each run's --json, after ``--warmup`` frames per stream. Aggregate FPS: all
 streams together; per-stream latency is capture -> written (p50: median over the streams, p95:
-the worst stream's); spread: (fastest - slowest) / fastest per-stream FPS. Rounds alternate the
-contenders' order, so a drift in the machine's load falls on both. Prints a table; asserts nothing.
+the worst stream's); spread: (fastest - slowest) / fastest per-stream FPS; batch: the mean
+frames per inference; CPU ms/frame: the CPU time (every thread) the row's processes used over
+its window per frame they delivered, which other load on the machine changes less than FPS (and
+which does not favour many processes, as FPS does there: more threads get a larger share). Each
+run's report must show every stream's frames inferred and rendered, or the script stops. Rounds
+alternate the contenders' order, so a drift in the machine's load falls on both. Prints a table;
+asserts nothing.
 """
 
 from __future__ import annotations
@@ -42,6 +51,12 @@ from typing import Callable
 DILSEG = [sys.executable, "-m", "dilseg.runtime.cli"]
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, every thread) process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_dilseg(commands: list[list[str]], reports: list[Path], seconds: float) -> list[dict]:
     """Start every `dilseg run` command, wait until each has started its streams (its first line
     on stderr), run ``seconds`` more, SIGTERM them all; the streams of their --json reports."""
@@ -53,7 +68,9 @@ def run_dilseg(commands: list[list[str]], reports: list[Path], seconds: float) -
                 if not line:  # it ended before its streams started
                     raise SystemExit(f"`dilseg run` failed to start ({p.wait()}): {' '.join(p.args)}")
                 print(line, end="", file=sys.stderr)
+        start, t0 = [cpu_seconds(p.pid) for p in procs], time.perf_counter()
         time.sleep(seconds)
+        used, window = [cpu_seconds(p.pid) - c for p, c in zip(procs, start)], time.perf_counter() - t0
     finally:
         for p in procs:
             if p.poll() is None:
@@ -67,14 +84,17 @@ def run_dilseg(commands: list[list[str]], reports: list[Path], seconds: float) -
         # The work done, checked: every stream segmented its frames (each went through the
         # backend: its calls' items), and a multi-stream run's batches say how it shared it.
         batches = data.get("batches", {})
-        for s in data.get("streams", [data]):  # several sources: one entry per stream
+        entries = data.get("streams", [data])  # several sources: one entry per stream
+        cpu = used[procs.index(p)] / len(entries)
+        for s in entries:
             stages = s.get("stages_ms", {})
             if s["frames_out"] <= s["warmup"] or not all(stages.get(k, {}).get("n") for k in ("infer", "render")):
                 raise SystemExit(f"`dilseg run` segmented and rendered no frame of {s.get('source', 'its source')} "
                                  f"after the warm-up: {' '.join(p.args)}")
             streams.append({"fps": s["fps"], "p50": s["latency_ms"]["p50"], "p95": s["latency_ms"]["p95"],
                             "dropped": s["dropped"], "frames": s["frames_out"] - s["warmup"],
-                            "mean_batch": batches.get("mean_size", 1.0), "batching": data.get("batching", "")})
+                            "mean_batch": batches.get("mean_size", 1.0), "batching": data.get("batching", ""),
+                            "cpu_s": cpu, "window_frames": s["fps"] * window})
         report.unlink()
     return streams
 
@@ -142,6 +162,10 @@ def combine(streams: list[dict]) -> dict:
             "spread": (max(fps) - min(fps)) / max(fps) if max(fps) > 0 else 0.0,
             "p50_ms": statistics.median(s["p50"] for s in streams), "p95_ms": max(s["p95"] for s in streams),
             "mean_batch": statistics.mean(s["mean_batch"] for s in streams),
+            # CPU per frame: what a frame costs whatever else runs on the machine meanwhile
+            # (aggregate FPS alone favours many processes there: more threads, a larger share).
+            "cpu_ms_per_frame": 1e3 * sum(s["cpu_s"] for s in streams) / max(1e-9, sum(s["window_frames"]
+                                                                                     for s in streams)),
             "dropped": sum(s["dropped"] for s in streams)}
 
 
@@ -220,7 +244,7 @@ def main() -> None:
           f"warm-up frames, {opts.rounds} round(s) interleaved, mean shown; model {Path(opts.model).name}"
           + (f"; extra: {' '.join(opts.extra)}" if opts.extra else "") + "\n")
     print(f"{'contender':<42}{'N':>3}{'agg FPS':>9}{'stream FPS min/max':>20}{'spread':>8}{'p50 ms':>9}"
-          f"{'p95 ms':>9}{'batch':>7}")
+          f"{'p95 ms':>9}{'batch':>7}{'CPU ms/frame':>14}")
     table = {}
     for name in chosen:
         for n in counts:
@@ -229,17 +253,18 @@ def main() -> None:
             table[name, n] = mean
             print(f"{CONTENDERS[name][0]:<42}{n:>3}{mean['aggregate_fps']:>9.1f}{mean['min_fps']:>12.1f} /"
                   f"{mean['max_fps']:>6.1f}{mean['spread'] * 100:>7.0f}%{mean['p50_ms']:>9.0f}{mean['p95_ms']:>9.0f}"
-                  f"{mean['mean_batch']:>7.2f}")
+                  f"{mean['mean_batch']:>7.2f}{mean['cpu_ms_per_frame']:>14.1f}")
     print()
     for multi in [c for c in chosen if not c.startswith("processes")]:
         for single in [c for c in chosen if c.startswith("processes")]:
             for n in counts:
-                pairs = zip([row for row in rows if row["contender"] == multi and row["streams"] == n],
-                            [row for row in rows if row["contender"] == single and row["streams"] == n])
+                pairs = list(zip([row for row in rows if row["contender"] == multi and row["streams"] == n],
+                                 [row for row in rows if row["contender"] == single and row["streams"] == n]))
                 per_round = [m["aggregate_fps"] / p["aggregate_fps"] for m, p in pairs if p["aggregate_fps"] > 0]
+                cheaper = [p["cpu_ms_per_frame"] / m["cpu_ms_per_frame"] for m, p in pairs if m["cpu_ms_per_frame"] > 0]
                 print(f"N={n}: {multi} / {single} aggregate FPS {statistics.mean(per_round):.2f} (per round: "
-                      f"{', '.join(f'{x:.2f}' for x in per_round)}); {multi} per-stream spread "
-                      f"{table[multi, n]['spread'] * 100:.0f}%")
+                      f"{', '.join(f'{x:.2f}' for x in per_round)}); frames per CPU second "
+                      f"{statistics.mean(cheaper):.2f}x; {multi} per-stream spread {table[multi, n]['spread'] * 100:.0f}%")
     if opts.json:
         Path(opts.json).write_text(json.dumps({"machine": machine(), "source": opts.source, "seconds": opts.seconds,
                                                "rows": rows}, indent=2))

@@ -112,10 +112,23 @@ def test_cli_several_files_on_openvino_lose_no_frame_and_match_one_stream(small_
         assert all(np.array_equal(a, b) for a, b in zip(multi, alone)), f"stream {i}"
 
 
-def test_instances_on_openvino_are_refused_with_what_to_do_instead(small_onnx, capsys):
-    rc = main(["run", "--model", str(small_onnx), "--backend", "openvino", "--instances", "2",
-               "--source", "test://96x64?frames=3", "--source", "test://96x64?frames=3", "--quiet"])
+def test_instances_on_openvino_run_apart_or_are_refused_with_what_to_do_instead(small_onnx, tmp_path, capsys):
+    from dilseg.runtime.batching import concurrent_infer
+
+    backend = open_backend(small_onnx, "openvino", ov_precision="f32", log=lambda _: None)
+    try:
+        concurrent = concurrent_infer(backend)
+    finally:
+        backend.close()
+    rc = main(["run", "--model", str(small_onnx), "--backend", "openvino", "--ov-precision", "f32", "--instances", "2",
+               "--source", "test://96x64?frames=5", "--source", "test://96x64?frames=7",
+               "--labels", str(tmp_path / "m_{i}"), "--quiet"])
     err = capsys.readouterr().err
-    assert rc != 0
-    assert "--instances 2: the OpenVINO backend runs one inference call at a time" in err
-    assert "--ov-hint throughput" in err and "Traceback" not in err
+    if concurrent:  # the backend lends each call requests of its own: two batches at once, every frame segmented
+        assert rc == 0, err
+        assert [len(masks(tmp_path / f"m_{i}")) for i in range(2)] == [5, 7]
+    else:  # a second caller would get "Infer Request is busy": refused before the first frame
+        assert rc != 0
+        assert "--instances 2: the OpenVINO backend runs one inference call at a time" in err
+        assert "--ov-hint throughput" in err and "Traceback" not in err
+        assert not masks(tmp_path / "m_0")  # no frame written
