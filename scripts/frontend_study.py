@@ -34,8 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ siblings
-from profile_model import gflops, interleaved_medians  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/profile_model.py, imported where used
 
 # model -> (row label, what differs); the order is the table's.
 VARIANTS: dict[str, tuple[str, str]] = {
@@ -75,16 +74,18 @@ def measure(models: list[str], size: tuple[int, int], runs: int, threads: int) -
     """GFLOPs and (runs > 0) ONNX Runtime median ms per model, at ``size``, side by side."""
     import torch
 
-    from dilseg.export.onnx_export import export_onnx
     from dilseg.export.zoo import create_model
-    from dilseg.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
-    from dilseg.runtime.classes import PRESETS
+    from profile_model import gflops, interleaved_medians
 
     figures: dict[str, dict] = {}
     for name in models:
         figures[name] = {"gflops": gflops(create_model(name).eval(), size), "ms": math.nan}
     if runs <= 0:
         return figures
+    from dilseg.export.onnx_export import export_onnx
+    from dilseg.runtime.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from dilseg.runtime.classes import PRESETS
+
     torch.set_num_threads(threads)
     x = np.random.default_rng(0).standard_normal((1, 3, *size)).astype(np.float32)
     backends = {}

@@ -7,13 +7,16 @@ sequence-held-out protocol, then the final train+val weights with the recipe it 
 Phase 0 (probe) runs a few epochs of the base recipe in ``--jobs`` processes at once and
 measures the throughput (run-epochs per second); from it the epoch count E is chosen so the
 plan fits the budget. Phase A trains the ablation (each recipe change alone on fold 0006R0,
-all of them together, the same at 2E epochs, and base/strong on the other two folds) in
-``--jobs`` concurrent processes. The recipe with the best held-out mIoU on fold 0006R0 is
+all of them together, the same at 2E epochs, base/strong on the other two folds, and the
+front-end study: edge_m_os32, edge_m_nocontext, edge_m_large and edge_m_large_randinit with
+the base recipe at E epochs, whose basic-context row is the base run) in ``--jobs``
+concurrent processes. The recipe with the best held-out mIoU on fold 0006R0 is
 chosen; phase B trains edge_m and edge_s on train+val with it for a fixed epoch count (no
 selection: the last weights). Every run is a `dilseg train` process with its own run folder,
 so a run cut off by the deadline still leaves its checkpoint and log.
 
-Writes OUT/summary.md (ablation table: held-out and classic val mIoU, train time),
+Writes OUT/summary.md (ablation table: held-out and classic val mIoU, train time; the
+front-end study's table, scripts/frontend_study.py, without latency),
 OUT/summary.json, OUT/runs/<name>/ (log.csv, best.json, weights) and OUT/driver.log.
 """
 
@@ -32,6 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # scripts/ablation_table.py (run with -P)
 from ablation_table import row as table_row, table as markdown_table  # noqa: E402
+from frontend_study import measure as study_measure, read_run as study_run, table as study_table  # noqa: E402
 
 STRONG = ["--scale", "0.5-2.0", "--photometric", "--thin-sampling", "0.25", "--ema", "0.998"]
 BASE = ["--scale", "0.75-1.5"]  # the round-1 recipe: scale/crop/flip only
@@ -48,6 +52,11 @@ SINGLES = {
 # Training frames per fold (CamVid train split without the held-out sequence), relative cost.
 FOLD_FRAMES = {"0006R0": 266, "0001TP": 305, "0016E5": 163}
 TRAINVAL_FRAMES = 468
+# The front-end study (training/README.md, step 8): run name -> zoo model, each with the base
+# recipe on fold 0006R0 at E epochs; the base run is its basic-context row (edge_m) at equal budget.
+STUDY = {"edge_m_os32": "edge_m_os32", "edge_m_nocontext": "edge_m_nocontext", "edge_m_large": "edge_m_large",
+         "edge_m_large_randinit": "edge_m_large_randinit"}
+STUDY_ROWS = ["edge_m_os32", "edge_m_nocontext", "base", "edge_m_large", "edge_m_large_randinit"]
 FINAL_SCHEDULE = 2  # the final runs train for FINAL_SCHEDULE * E epochs when the long run wins
 
 
@@ -170,6 +179,10 @@ class Driver:
             for recipe in ("strong", "base"):
                 jobs.append(Job(f"{recipe}-{fold}", [*SINGLES[recipe], "--holdout", fold], e, FOLD_FRAMES[fold],
                                 "A", recipe, fold))
+        if not self.args.skip_study:
+            # recipe = the model name: not a recipe, so never the one phase B picks.
+            jobs += [Job(name, [*BASE, "--model", model, "--holdout", "0006R0"], e, FOLD_FRAMES["0006R0"], "A",
+                         model, "0006R0") for name, model in STUDY.items()]
         # Longest first: the last wave is not one long run on an idle GPU.
         return sorted(jobs, key=lambda j: -j.cost)
 
@@ -181,7 +194,8 @@ class Driver:
     def main(self) -> int:
         rate = self.probe()
         left = self.deadline - time.time()
-        cost_a = len(SINGLES) + FINAL_SCHEDULE + sum(2 * FOLD_FRAMES[f] / FOLD_FRAMES["0006R0"] for f in ("0001TP", "0016E5"))
+        # Fold-epochs per epoch of E, from the plan itself (the study's runs included).
+        cost_a = sum(job.cost for job in self.plan_a(1))
         cost_b = 2 * FINAL_SCHEDULE * TRAINVAL_FRAMES / FOLD_FRAMES["0006R0"]
         waves = math.ceil(len(self.plan_a(1)) / self.args.jobs) + 1
         # Phase B runs 2 jobs where the probe ran --jobs: its throughput is assumed the same
@@ -245,6 +259,15 @@ class Driver:
                  f"E = {self.e} epochs; batch {self.args.batch_size}, lr {self.args.lr}; "
                  f"train s = sum of epoch times with {self.args.jobs} runs sharing the machine.", "",
                  markdown_table(rows, {"0006R0": "base", "0001TP": "base-0001TP", "0016E5": "base-0016E5"})]
+        study = [self.out / "runs" / name for name in STUDY_ROWS if (self.out / "runs" / name / "config.json").exists()]
+        if not self.args.skip_study and study:
+            lines += ["", "## Front-end study (fold 0006R0, base recipe, E epochs each; (c) is the base run)", ""]
+            try:
+                runs = [study_run(folder) for folder in study]
+                lines.append(study_table(runs, study_measure([r["model"] for r in runs], (360, 480), 0, 1), (360, 480)))
+            except (Exception, SystemExit) as exc:  # the table is a summary: it must not cost the rest of it
+                lines.append(f"study table failed: {type(exc).__name__}: {exc}")
+                self.log(f"study table failed: {exc}")
         lines += ["", f"chosen: {json.dumps(choice)}", ""]
         for r in finals:
             lines.append(f"final {r['name']}: {r['epochs_done']}/{r['epochs']} epochs, finished {r['finished']}, "
@@ -278,6 +301,7 @@ def main() -> int:
     ap.add_argument("--min-epochs", type=int, default=20)
     ap.add_argument("--max-epochs", type=int, default=400)
     ap.add_argument("--smoke", action="store_true", help="tiny data and epochs: checks the plan runs end to end")
+    ap.add_argument("--skip-study", action="store_true", help="leave the front-end study's four runs out of phase A")
     args = ap.parse_args()
     if args.smoke:
         # Every phase must run to its end: on a busy CPU the process start-ups alone can

@@ -7,7 +7,8 @@
 #   OUT=/tmp/gpu-smoke scripts/train_gpu.sh --smoke   # any CPU, 5-10 minutes (every phase, 8 frames)
 #
 # Results land in $OUT (at most 8 files come back from a device run): summary.md,
-# summary.json, driver.log, logs.tar.gz (every run's log.csv, best.json, train.log) and the
+# summary.json, driver.log, logs.tar.gz (every run's log.csv, best.json, train.log, config.json,
+# and the front-end study's (a) edge_m_os32 and (c) base best weights) and the
 # final weights edge_m_final.safetensors / edge_s_final.safetensors plus the best
 # strong-recipe fold weights strong_0006R0.safetensors. BUDGET (default 530 s) is the
 # wall-clock limit of the training itself.
@@ -48,7 +49,11 @@ rc=0
 python3 -P scripts/train_gpu.py --data "$DATA" --out "$WORK" --budget "${BUDGET:-530}" "${extra[@]}" || rc=$?
 
 cp "$WORK/summary.md" "$WORK/summary.json" "$WORK/driver.log" "$OUT/" 2>/dev/null || true
-(cd "$WORK" && find runs -name log.csv -o -name best.json -o -name train.log | tar -czf "$OUT/logs.tar.gz" -T -)
+# config.json names each run's model (scripts/frontend_study.py reads it); the (a) and (c)
+# weights of the front-end study travel too, for its picture (about 8 MB).
+(cd "$WORK" && { find runs -name log.csv -o -name best.json -o -name train.log -o -name config.json
+                 ls runs/edge_m_os32/best.safetensors runs/base/best.safetensors 2>/dev/null || true
+               } | tar -czf "$OUT/logs.tar.gz" -T -)
 for model in edge_m edge_s; do
     f="$WORK/runs/final-$model/last.safetensors"
     [[ -f "$f" ]] && cp "$f" "$OUT/${model}_final.safetensors"
