@@ -82,8 +82,8 @@ class EdgeDRN(nn.Module):
         c0, c1, c2, c3 = widths
         self.num_classes = num_classes
         self.output_stride = output_stride
-        # At stride 32 each dilation becomes a pooling step: stride 8 -> 16 -> 32 where the
-        # dilation-8 network keeps 8 and widens its filters by 2 and 4 instead.
+        # At stride 32 each dilation becomes a pooling step (stride 8 -> 16 -> 32), where the
+        # dilated network stays at 8 and spreads its filters by 2 and 4 instead.
         pooled = output_stride == 32
         d2, d4 = (1, 1) if pooled else (2, 4)
         # ceil_mode: the last row and column of an odd-sized map are pooled, not dropped.
