@@ -13,7 +13,9 @@ A server that goes away mid-run (restart, crash) is waited for, up to ``reconnec
 the request in flight is sent again once the model is ready, so the run continues and loses
 no frame of a file (a live source keeps dropping to its newest frame meanwhile). With
 ``shared_memory`` (server on this machine) frames and labels travel through POSIX shared
-memory registered with the server instead of the socket.
+memory registered with the server instead of the socket. gRPC requests are framed by
+``triton_wire`` (the request's header serialised once per shape, each frame's bytes appended),
+HTTP ones by tritonclient.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ..metadata import METADATA_KEY, MetadataError, ModelMeta
 from ..preprocess import input_size_for, preprocess
 from ..triton_url import TritonURL, parse_triton_url
 from .base import Backend, BackendError, BackendOptions, Capabilities
+from .triton_wire import RawInfer
 
 log = logging.getLogger("dilseg.triton")
 
@@ -257,6 +260,7 @@ class TritonBackend(Backend):
         self._shared: _SharedMemory | None = None
         self._local = threading.local()  # the HTTP client is not thread-safe: one per thread
         self._grpc_client = None
+        self._raw: RawInfer | None = None  # ModelInfer (gRPC), its channel its own
         self._lock = threading.Lock()
         self._closing = threading.Event()  # set by close(): a reconnect waiting in another thread gives up
 
@@ -278,13 +282,13 @@ class TritonBackend(Backend):
         return client
 
     def _drop_clients(self) -> None:
-        for client in (self._grpc_client, getattr(self._local, "client", None)):
+        for client in (self._grpc_client, self._raw, getattr(self._local, "client", None)):
             if client is not None:
                 try:
                     client.close()
                 except Exception:  # closing a dead connection may fail; it is being discarded
                     pass
-        self._grpc_client = None
+        self._grpc_client = self._raw = None
         self._local = threading.local()
 
     def _ask(self, what: str, call, *args, **kwargs):
@@ -446,24 +450,21 @@ class TritonBackend(Backend):
                     self._reconnect(exc)
 
     def _send(self, batch: np.ndarray) -> np.ndarray:
-        served, module = self.served, self._module
+        served = self.served
         client = self._client()
-        # Batched, Triton adds the batch axis; unbatched, the config's dims begin with the batch of one.
-        inp = module.InferInput(served.input_name, list(batch.shape), served.input_type)
-        http = self.url.protocol == "http"
-        out = module.InferRequestedOutput(served.output_name, **({"binary_data": True} if http else {}))
         out_elems = batch.shape[0] * int(np.prod(self._expected(batch)[1:]))
         out_bytes = out_elems * np.dtype(_NP[served.output_type]).itemsize
+        regions = out_region = None
         if self._shared is not None:
             region = self._shared.ensure(client, "in", batch.nbytes)
             self._shared.shm.set_shared_memory_region(region, [batch])
-            inp.set_shared_memory(self._shared.name("in"), batch.nbytes)
             out_region = self._shared.ensure(client, "out", out_bytes)
-            out.set_shared_memory(self._shared.name("out"), out_bytes)
+            regions = ((self._shared.name("in"), batch.nbytes), (self._shared.name("out"), out_bytes))
+        # Batched, Triton adds the batch axis; unbatched, the config's dims begin with the batch of one.
+        if self.url.protocol == "grpc":
+            result = self._raw_infer(batch, regions)
         else:
-            inp.set_data_from_numpy(batch, **({"binary_data": True} if http else {}))
-        kwargs = {} if http else {"client_timeout": self.options.timeout}
-        result = client.infer(self.url.model, [inp], model_version=self.url.version, outputs=[out], **kwargs)
+            result = self._http_infer(client, batch, regions)
         if self._shared is None:
             labels = result.as_numpy(served.output_name)
             if labels is None:
@@ -472,8 +473,29 @@ class TritonBackend(Backend):
         info = result.get_output(served.output_name)
         dims = info["shape"] if isinstance(info, dict) else info.shape
         datatype = info["datatype"] if isinstance(info, dict) else info.datatype
+        # A copy: the region is written again by the next request.
         return np.array(self._shared.shm.get_contents_as_numpy(out_region, _NP.get(datatype, np.int32),
                                                                [int(d) for d in dims]))
+
+    def _raw_infer(self, batch: np.ndarray, regions: tuple | None):
+        """gRPC: the request's header serialised once per shape, the frame's bytes appended."""
+        if self._raw is None:
+            self._raw = RawInfer(self.url.address)
+        served = self.served
+        header = self._raw.header(self.url.model, self.url.version, served.input_name, served.input_type,
+                                  batch.shape, served.output_name, *(regions or (None, None)))
+        return self._raw.infer(header, None if regions else batch, timeout=self.options.timeout)
+
+    def _http_infer(self, client, batch: np.ndarray, regions: tuple | None):
+        module, served = self._module, self.served
+        inp = module.InferInput(served.input_name, list(batch.shape), served.input_type)
+        out = module.InferRequestedOutput(served.output_name, binary_data=True)
+        if regions:
+            inp.set_shared_memory(*regions[0])
+            out.set_shared_memory(*regions[1])
+        else:
+            inp.set_data_from_numpy(batch, binary_data=True)
+        return client.infer(self.url.model, [inp], model_version=self.url.version, outputs=[out])
 
     def _expected(self, batch: np.ndarray) -> tuple[int, ...]:
         """The output shape a batch should produce (dilseg models answer at their input size)."""
