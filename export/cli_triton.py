@@ -54,9 +54,9 @@ def add_parser(exp_sub: argparse._SubParsersAction) -> None:
                                                                 "(default 8; 0: no batching)")
     p.add_argument("--preferred-batch-size", type=int, action="append", metavar="N",
                    help="batch sizes the batcher sends at once (repeatable; default powers of two up to the max)")
-    p.add_argument("--queue-delay-us", type=int, default=100,
-                   help="how long a request waits for others when the model is idle, microseconds (default 100; "
-                        "requests arriving while it is busy are batched anyway)")
+    p.add_argument("--queue-delay-us", type=int, default=0,
+                   help="how long a request waits for others when the model is idle, microseconds (default 0, "
+                        "Triton's own: requests arriving while it is busy are batched anyway)")
     p.add_argument("--instances", type=int, default=1, help="model instances (default 1)")
     p.add_argument("--kind", choices=["cpu", "gpu"], help="instance kind (default: cpu for python, else gpu)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads per instance "
