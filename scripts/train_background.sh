@@ -33,7 +33,7 @@ python3 -P -c "import dilseg.export.train as t, sys; sys.exit(0 if t.__file__.st
 echo "$(date -u +%FT%TZ) code: $rev (snapshot $SNAP)"
 
 while IFS='|' read -r name args; do
-    name=$(echo "$name" | xargs)
+    name=$(printf "%s" "$name" | sed -e "s/^[[:space:]]*//" -e "s/[[:space:]]*$//")  # trimmed; xargs would choke on a quote in a comment
     [[ -z "$name" || "$name" == \#* ]] && continue
     dir=$RUNS/$name
     if [[ -f "$dir/DONE" ]]; then
