@@ -88,9 +88,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(default 1; --dynamic frees it too). With --from alone: re-declare that ONNX's batch")
     p.add_argument("--opset", type=int, default=ONNX_OPSET, help=f"ONNX opset (default {ONNX_OPSET})")
     p.add_argument("--head", choices=["full", "half", "quarter", "eighth"], default=None,
-                   help="labels head: half (default for zoo models: bilinear x4, ArgMax at 1/2 size, labels "
+                   help="labels head: half (default for zoo models at output stride 8: bilinear x4, ArgMax at 1/2 size, labels "
                         "repeated 2x2; -0.1 mIoU, 1/5 of the head's cost), full (the paper's bilinear x8 and "
-                        "ArgMax at full size; the default for other models), quarter, eighth (see export/heads.py)")
+                        "ArgMax at full size; the default for other models, and the only head of edge_m_os32), quarter, eighth (see export/heads.py)")
     p.add_argument("--output-kind", choices=["labels", "logits"], default="labels",
                    help="labels: argmax in the graph, int32 class ids (default); logits: NxCxHxW scores")
     p.add_argument("--precision", choices=["fp32", "fp16", "int8"], default="fp32",
