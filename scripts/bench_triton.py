@@ -3,7 +3,8 @@ for N = 1, 2, 4, 8 live test:// streams ((a) N separate `dilseg run` processes, 
 multi-stream `dilseg run`, batched) plus (c) N `dilseg run` clients of one Triton server with
 dynamic batching and (d) one multi-stream `dilseg run` whose backend is that server; then the
 cost of the network hop at N = 1: the same frames segmented in-process and through Triton,
-interleaved frame by frame.
+interleaved frame by frame, beside the floor of that hop (a model on the same server that
+answers without doing any work).
 
     python scripts/bench_triton.py                                   # starts tritonserver itself
     python scripts/bench_triton.py --streams 1,4 --seconds 10 --rounds 1
@@ -68,9 +69,31 @@ streams.CONTENDERS["triton"] = ("(c) N `dilseg run` clients of one Triton", trit
 streams.CONTENDERS["triton-multistream"] = ("(d) one `dilseg run`, N sources, on Triton", triton_multistream)
 
 
-def hop_cost(model: str, url: str, frames: int, threads: int = 0) -> dict:
+# A Python-backend model that answers every request with labels of the right shape and does no
+# work: served beside the real one, its round trip is the floor of the hop (gRPC, Triton's
+# scheduler, the stub's hand-offs, the tensors' copies) that no model.py can go below.
+EMPTY_MODEL = """
+import json
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        out = json.loads(args["model_config"])["output"][0]
+        self.labels = np.zeros([1] + [int(d) for d in out["dims"]], np.uint8 if out["data_type"] == "TYPE_UINT8" else np.int32)
+
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("labels", self.labels)]) for _ in requests]
+"""
+EMPTY_SUFFIX = "_empty"
+
+
+def hop_cost(model: str, url: str, frames: int, threads: int = 0, floor: bool = False) -> tuple[dict, dict]:
     """Per-frame time of Segmenter.process (preprocess, infer, postprocess) in-process on ONNX
-    Runtime and through Triton with and without shared memory, round robin frame by frame."""
+    Runtime and through Triton with and without shared memory, round robin frame by frame (each
+    frame starting with the next contender, so none always follows the same one). ``floor``:
+    the same through the server's empty model as well (``url`` + EMPTY_SUFFIX)."""
     import cv2
 
     from dilseg.runtime.backends import open_backend
@@ -83,22 +106,29 @@ def hop_cost(model: str, url: str, frames: int, threads: int = 0) -> dict:
     contenders = {"in-process ONNX Runtime": Segmenter(local),
                   "Triton gRPC": Segmenter(open_backend(url)),
                   "Triton gRPC + shared memory": Segmenter(open_backend(url, shared_memory=True))}
+    if floor:
+        contenders["floor: empty model, gRPC"] = Segmenter(open_backend(url + EMPTY_SUFFIX))
+        contenders["floor: empty model, shared memory"] = Segmenter(open_backend(url + EMPTY_SUFFIX, shared_memory=True))
     times: dict[str, list[float]] = {k: [] for k in contenders}
     for seg in contenders.values():  # warm-up
         for pic in pics[:3]:
             seg.process(pic)
     before = contenders["Triton gRPC"].backend.statistics()
+    order = list(contenders.items())
     for i in range(frames):  # every contender sees the same load
-        for name, seg in contenders.items():
+        for name, seg in order[i % len(order):] + order[:i % len(order)]:
             t0 = time.perf_counter()
             seg.process(pics[i % len(pics)])
             times[name].append((time.perf_counter() - t0) * 1e3)
     after = contenders["Triton gRPC"].backend.statistics()
     for seg in contenders.values():
         seg.close()
-    base = float(np.median(times["in-process ONNX Runtime"]))
-    out = {name: {"p50_ms": float(np.median(t)), "p95_ms": float(np.percentile(t, 95)),
-                  "hop_ms": float(np.median(t)) - base} for name, t in times.items()}
+    base = times["in-process ONNX Runtime"]
+    out = {name: {"p50_ms": float(np.median(t)), "p95_ms": float(np.percentile(t, 95)), "mean_ms": float(np.mean(t)),
+                  "hop_ms": float(np.median(t) - np.median(base)), "hop_mean_ms": float(np.mean(t) - np.mean(base)),
+                  # frame i of each contender ran within one round: their difference sees the same load
+                  "hop_paired_ms": float(np.median(np.subtract(t, base)))}
+           for name, t in times.items()}
     return out, server_side(before, after)
 
 
@@ -115,11 +145,25 @@ def server_side(before: dict, after: dict) -> dict:
     return {"requests": n, **spent}
 
 
+def add_empty_model(repo: Path, name: str) -> None:
+    """REPO/NAME_empty: NAME's config (same tensors, batching, instance) with EMPTY_MODEL as model.py."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    cfg = text_format.Parse((repo / name / "config.pbtxt").read_text(), model_config_pb2.ModelConfig())
+    cfg.name = name + EMPTY_SUFFIX
+    (repo / cfg.name / "1").mkdir(parents=True)
+    (repo / cfg.name / "config.pbtxt").write_text(text_format.MessageToString(cfg))
+    (repo / cfg.name / "1" / "model.py").write_text(EMPTY_MODEL)
+
+
 def start_server(model: Path, repo: Path, max_batch: int, threads: int = 0):
     import subprocess
 
     sys.path.insert(0, str(REPO / "tests"))
     from servers import SystemVenv, TritonServer, triton_missing
+
+    from dilseg.runtime.artifact import read_meta
 
     venv = SystemVenv()
     reason = venv.missing() or triton_missing(venv)
@@ -128,6 +172,7 @@ def start_server(model: Path, repo: Path, max_batch: int, threads: int = 0):
     subprocess.run(streams.DILSEG + ["export", "triton", str(model), "-o", str(repo), "--platform", "python",
                                      "--max-batch-size", str(max_batch), "--threads", str(threads)], check=True,
                    stdout=subprocess.DEVNULL)
+    add_empty_model(repo, read_meta(model).model)
     return TritonServer(repo, venv=venv, log_path=repo.parent / "tritonserver.log").start()
 
 
@@ -169,7 +214,7 @@ def main() -> None:
                         "onnxruntime"]
             streams.main()
         print(f"... network hop, {mine.hop_frames} frames each", file=sys.stderr, flush=True)
-        hop, server_ms = hop_cost(str(model), SERVED["url"], mine.hop_frames, mine.hop_threads)
+        hop, server_ms = hop_cost(str(model), SERVED["url"], mine.hop_frames, mine.hop_threads, floor=server is not None)
     finally:
         if server is not None:
             server.stop()
@@ -178,9 +223,17 @@ def main() -> None:
     threads = f"{mine.hop_threads} ONNX Runtime thread(s) on both sides" if mine.hop_threads else "default threads"
     print(f"\nthe network hop at N=1 ({streams.machine()}, {load}; {model.name}, {threads}; every frame segmented by "
           f"each contender in turn, {mine.hop_frames} frames each)\n")
-    print(f"{'per frame: preprocess + infer + postprocess':<44}{'p50 ms':>9}{'p95 ms':>9}{'hop (p50) ms':>14}")
+    print(f"{'per frame: preprocess + infer + postprocess':<44}{'p50 ms':>9}{'p95 ms':>9}{'mean ms':>9}"
+          f"{'hop p50':>9}{'hop mean':>10}{'hop paired':>12}")
     for name, h in hop.items():
-        print(f"{name:<44}{h['p50_ms']:>9.2f}{h['p95_ms']:>9.2f}{h['hop_ms']:>14.2f}")
+        hops = "" if name.startswith("floor") else \
+            f"{h['hop_ms']:>9.2f}{h['hop_mean_ms']:>10.2f}{h['hop_paired_ms']:>12.2f}"
+        print(f"{name:<44}{h['p50_ms']:>9.2f}{h['p95_ms']:>9.2f}{h['mean_ms']:>9.2f}{hops}")
+    print("(hop p50 / mean: the difference of the contenders' medians / means; hop paired: the median over frames of "
+          "each frame's time minus the in-process time of the same frame in the same round)")
+    if any(name.startswith("floor") for name in hop):
+        print("(floor: the same server's model that returns labels without any work; the hop cannot go below its "
+              "own time)")
     print(f"\nthe server, mean per request over {server_ms['requests']}: queued {server_ms['queue']:.2f} ms, inputs in "
           f"{server_ms['compute_input']:.2f} ms, model.py (normalise + ONNX Runtime) {server_ms['compute_infer']:.2f} ms, "
           f"outputs out {server_ms['compute_output']:.2f} ms")
