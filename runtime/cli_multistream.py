@@ -36,9 +36,9 @@ def check_stream_options(args: argparse.Namespace) -> None:
 
 def stream_defaults(args: argparse.Namespace, model) -> None:
     """Several streams on OpenVINO with no --ov-hint: the throughput hint on a graph fixed at one
-    frame, so a batch of the streams' frames runs as parallel requests, one per CPU stream
-    (measured ahead of one frame at a time on every core, and of a batch-N graph, which OpenVINO
-    runs slower per frame: README, Many cameras). A free batch axis keeps the latency hint: there
+    frame, so a batch of the streams' frames runs as parallel requests, one per CPU stream, each
+    on one core (OpenVINO runs a batch-N graph, fixed or dynamic, slower per frame than N frames
+    of the batch-1 graph: README, Many cameras). A free batch axis keeps the latency hint: there
     the backend runs the whole batch as one request, which under the throughput hint would get
     one CPU stream's share of the cores."""
     if getattr(args, "ov_hint", None) is not None or args.backend not in ("auto", "openvino"):
@@ -82,6 +82,7 @@ def run_streams(args: argparse.Namespace, specs: list[str], model) -> int:
     from .bench import peak_rss_bytes
     from .cli_eval import check_json_target
     from .cli_run import _open_backend
+    from .batching import default_instances
     from .multistream import Mosaic, MultiStream
     from .sinks import open_sink
     from .view import ViewSettings
@@ -127,8 +128,8 @@ def run_streams(args: argparse.Namespace, specs: list[str], model) -> int:
                 if mosaic_sinks else None
             view = ViewSettings(args.view, args.alpha, legend=args.legend)
             run = MultiStream(sources, backend, per_stream, view=view, mosaic=mosaic, max_frames=args.max_frames,
-                              warmup=args.warmup, max_batch=args.max_batch, instances=args.instances or 1,
-                              progress=not args.quiet)
+                              warmup=args.warmup, max_batch=args.max_batch,
+                              instances=args.instances or default_instances(backend, count), progress=not args.quiet)
         except BaseException:
             for sink in opened_sinks:
                 sink.abort()
@@ -190,6 +191,7 @@ def bench_streams(args: argparse.Namespace, specs: list[str], model) -> int:
     from .bench import peak_rss_bytes, raw_inference
     from .cli_eval import check_json_target
     from .cli_run import _open_backend
+    from .batching import default_instances
     from .multistream import MultiStream
     from .preprocess import preprocess
     from .sinks import Sink
@@ -205,7 +207,8 @@ def bench_streams(args: argparse.Namespace, specs: list[str], model) -> int:
         backend = _open_backend(args, model)
         stack.callback(backend.close)
         run = MultiStream(sources, backend, [[Sink()] for _ in sources], max_frames=args.warmup + args.frames,
-                          warmup=args.warmup, max_batch=args.max_batch, instances=args.instances or 1,
+                          warmup=args.warmup, max_batch=args.max_batch,
+                          instances=args.instances or default_instances(backend, len(sources)),
                           progress=not args.quiet,
                           on_result=lambda i, result: last.__setitem__(i, result.frame))
         stats = run.run()

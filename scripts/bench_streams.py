@@ -13,6 +13,8 @@ same signature, e.g. N clients of a Triton server):
   multistream           one `dilseg run` with N --source as it runs by default: the model as it
                         is (on OpenVINO: the throughput hint, a batch of the streams' frames run as
                         parallel requests; on ONNX Runtime: one frame after another)
+  multistream-2i        that with --instances 2: two batches at once (where the backend takes
+                        calls from several threads; OpenVINO lends each its own requests)
   multistream-dyn       the same on the model's `--batch dynamic` copy: one inference per batch
   multistream-dyn-2x1t  that with --instances 2 --threads 1 (two batches at once, a thread each)
   one-by-one            the model as it is, one frame per inference (OpenVINO: --ov-hint latency)
@@ -144,6 +146,7 @@ CONTENDERS: dict[str, tuple[str, Callable[[int, argparse.Namespace], list[dict]]
     "processes": ("(a) N separate `dilseg run` processes", processes),
     "processes-1t": ("(a1) the same, --threads 1 each", per_core(processes)),
     "multistream": ("(b) one `dilseg run`, N sources (default)", multistream),
+    "multistream-2i": ("(b') (b) with --instances 2", lambda n, opts: multistream(n, opts, "--instances", "2")),
     "multistream-dyn": ("(b1) the same, --batch dynamic model", multistream_dynamic),
     "multistream-dyn-2x1t": ("(b2) (b1) with --instances 2 --threads 1", per_core(multistream_dynamic,
                                                                                "--instances", "2")),
@@ -264,7 +267,8 @@ def main() -> None:
                 cheaper = [p["cpu_ms_per_frame"] / m["cpu_ms_per_frame"] for m, p in pairs if m["cpu_ms_per_frame"] > 0]
                 print(f"N={n}: {multi} / {single} aggregate FPS {statistics.mean(per_round):.2f} (per round: "
                       f"{', '.join(f'{x:.2f}' for x in per_round)}); frames per CPU second "
-                      f"{statistics.mean(cheaper):.2f}x; {multi} per-stream spread {table[multi, n]['spread'] * 100:.0f}%")
+                      f"{statistics.mean(cheaper):.2f}x; {multi} per-stream spread "
+                      f"{table[multi, n]['spread'] * 100:.0f}%")
     if opts.json:
         Path(opts.json).write_text(json.dumps({"machine": machine(), "source": opts.source, "seconds": opts.seconds,
                                                "rows": rows}, indent=2))

@@ -103,6 +103,7 @@ def test_cli_several_files_on_openvino_lose_no_frame_and_match_one_stream(small_
     assert [s["frames_out"] for s in stats["streams"]] == [8, 6]
     assert stats["backend_counts"]["items"] == 14
     assert stats["batching"].startswith("batches of up to") or parallel_requests(small_onnx) < 2
+    assert "at once" not in stats["batching"]  # two streams fill one batch: one batch at a time
     for i, source in enumerate((str(clip), "test://96x64?frames=6")):
         assert main(["run", "--model", str(small_onnx), "--backend", "openvino", "--ov-precision", "f32",
                      "--ov-hint", "latency", "--source", source, "--labels", str(tmp_path / f"alone_{i}"),
@@ -132,3 +133,23 @@ def test_instances_on_openvino_run_apart_or_are_refused_with_what_to_do_instead(
         assert "--instances 2: the OpenVINO backend runs one inference call at a time" in err
         assert "--ov-hint throughput" in err and "Traceback" not in err
         assert not masks(tmp_path / "m_0")  # no frame written
+
+
+def test_two_batches_at_once_by_default_where_openvino_lends_requests_per_call(small_onnx):
+    from dilseg.runtime.batching import concurrent_infer, default_instances
+
+    quiet = {"ov_precision": "f32", "log": lambda _: None}
+    backends = [open_backend(small_onnx, "openvino", ov_hint="throughput", **quiet),
+                open_backend(small_onnx, "openvino", ov_hint="latency", **quiet),
+                open_backend(small_onnx, "onnxruntime", threads=1)]
+    try:
+        parallel, latency, onnxruntime = backends
+        width = parallel.batch_range()[1]
+        lends = concurrent_infer(parallel) and width > 1
+        assert default_instances(parallel, width + 1) == (2 if lends else 1)
+        assert default_instances(parallel, width) == 1  # one batch holds every stream: batched, not split
+        assert default_instances(latency, 8) == 1  # one request on every core: nothing to interleave
+        assert default_instances(onnxruntime, 8) == 1
+    finally:
+        for backend in backends:
+            backend.close()
