@@ -52,10 +52,9 @@ AUTO_WAIT_MS = (sys.getswitchinterval() * 1e3, 50.0)
 
 
 def concurrent_infer(backend: Backend) -> bool:
-    """Whether several threads may call ``backend.infer`` at once (``--instances``). An OpenVINO
-    backend holds its infer requests itself and answers a second caller "Infer Request is busy";
-    a backend says otherwise with a ``concurrent_infer`` attribute."""
-    return bool(getattr(backend, "concurrent_infer", backend.name != "openvino"))
+    """Whether several threads may call ``backend.infer`` at once (``--instances``), as the
+    backend declares in its capabilities."""
+    return backend.capabilities.concurrent_infer
 
 
 def default_instances(backend: Backend, streams: int) -> int:
@@ -129,8 +128,7 @@ class Batcher:
             raise BackendError(f"--instances {instances}: must be 1 or more")
         if instances > 1 and not concurrent_infer(backend):
             raise BackendError(f"--instances {instances}: the {backend.label} backend runs one inference call at a "
-                               "time" + ("; --ov-hint throughput runs a batch's frames as parallel requests "
-                                         "instead" if backend.name == "openvino" else ""))
+                               "time; leave --instances out")
         lo, hi = backend.batch_range()
         if max_batch is not None:
             if max_batch < 1:

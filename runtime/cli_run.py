@@ -142,7 +142,8 @@ def _streams_args(p: argparse.ArgumentParser) -> None:
                    help="several sources: at most N frames per inference (default: one per stream, as the model allows)")
     p.add_argument("--instances", type=int, metavar="N",
                    help="several sources: N inferences at once on the one loaded model, the streams shared out "
-                        "(default 1; on a CPU, one per core with --threads 1 keeps every core busy)")
+                        "(default 1; 2 on OpenVINO's throughput hint, which lends each call its own requests; on "
+                        "ONNX Runtime, one per core with --threads 1 keeps every core busy)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -168,7 +169,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     o.add_argument("--ov-precision", choices=["f32", "bf16", "f16"],
                    help="OpenVINO's inference precision (default: the CPU's own, bf16 with AMX or AVX-512 BF16)")
     o.add_argument("--ov-hint", choices=["latency", "throughput"],
-                   help="latency: one request on every core (default); throughput: parallel requests (several streams)")
+                   help="latency: one request on every core (default for one source); throughput: parallel requests "
+                        "(default for several sources on a model fixed at one frame: a batch runs as parallel requests)")
     o.add_argument("--ov-cache", metavar="DIR", help="compiled-model cache (default ~/.cache/dilseg/openvino)")
     c = p.add_argument_group("Triton client (--model triton://HOST:PORT/MODEL, from `dilseg export triton`)")
     c.add_argument("--timeout", type=float, metavar="S", help="seconds a request may take (default 10)")

@@ -91,6 +91,32 @@ def test_frames_normalised_inside_the_graph_give_the_labels_of_preprocess(frames
             be.infer_frame(frames[0].astype(np.float32))
 
 
+def test_a_refused_input_gives_its_requests_back(tmp_path) -> None:
+    """A tensor OpenVINO refuses is a one-line BackendError, and the requests it took are
+    handed back: the next calls (more refused ones, then a batch on the throughput hint) still
+    run instead of waiting forever for a request."""
+    import threading
+
+    meta = read_meta(SHIPPED)
+    x = preprocess(np.zeros((360, 480, 3), np.uint8), meta)
+    for hint in ("latency", "throughput"):
+        with open_backend(SHIPPED, "openvino", ov_precision="f32", ov_hint=hint, ov_cache=str(tmp_path),
+                          log=lambda _: None) as be:
+            outcome: list = []
+
+            def calls() -> None:
+                for _ in range(len(be.requests) + 1):
+                    with pytest.raises(BackendError, match="OpenVINO cannot run this input"):
+                        be.infer(x[:, :, :100])
+                outcome.append(be.infer(np.concatenate([x] * len(be.requests))))
+
+            worker = threading.Thread(target=calls, daemon=True)
+            worker.start()
+            worker.join(120)
+            assert outcome, f"{hint}: a call after a refused input hung (or failed: see above)"
+            assert outcome[0].shape == (len(be.requests), 360, 480)
+
+
 def argmax_graph(path: Path) -> Path:
     """ArgMax over channels of the input itself, then Cast: the label head's tail alone."""
     x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4, 3, 5])

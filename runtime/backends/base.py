@@ -37,6 +37,9 @@ class Capabilities:
     # "preprocess" are preprocessing it did itself (see Backend.own_preprocess_ms).
     stage_timings: bool = False
     cuda_graph: bool = False  # set_cuda_graph(on): replays CUDA graphs (its cuda_graph option), switchable per call
+    # Several threads may call infer at once (a multi-stream run's --instances); a backend whose
+    # calls share one piece of native state says False and gets one caller at a time.
+    concurrent_infer: bool = True
 
 
 def has_nvidia_gpu() -> bool:

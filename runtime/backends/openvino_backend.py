@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import json
 import os
+import queue
+import threading
 import sys
 import time
 from dataclasses import dataclass
@@ -137,12 +139,18 @@ class OpenVINOBackend(Backend):
     Options = OpenVINOOptions
     capabilities = Capabilities(frame_input=True, stage_timings=True)
     requires = (("openvino", INSTALL_HINT),)
+    # Infer requests are lent from a pool per call, so several threads may call infer at once
+    # (capabilities.concurrent_infer, the default): each runs on requests of its own.
 
     def __init__(self, path: str | Path, options: OpenVINOOptions | None = None, **keywords) -> None:
         super().__init__(path, options, **keywords)
         self.compiled = None
         self.requests: list = []
-        self.frame_request = None  # of the frame-taking model, compiled at the first frame
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()  # requests no call holds now
+        self._frame_compiled = None
+        self._frame_idle: queue.SimpleQueue = queue.SimpleQueue()
+        self._frame_lock = threading.Lock()
+        self._frame_made = 0  # frame-input requests made for batches
         self.cache_message = ""
         self.argmax_rewritten = 0
 
@@ -193,6 +201,8 @@ class OpenVINOBackend(Backend):
         count = max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
         self.requests = [self.compiled.create_infer_request()
                          for _ in range(count if self.options.ov_hint == "throughput" else 1)]
+        for request in self.requests:
+            self._idle.put(request)
         self.input_dtype = np.float16 if inputs[0].get_element_type() == ov.Type.f16 else np.float32
 
     def _note_cache(self, folder: Path, key: dict, seconds: float) -> str:
@@ -233,33 +243,86 @@ class OpenVINOBackend(Backend):
 
     # -- infer ----------------------------------------------------------------------------
 
+    @staticmethod
+    def _run_parallel(get, give_back, inputs: list[np.ndarray]) -> np.ndarray:
+        """Each input on a request of its own from ``get()``, started as soon as it has one and
+        handed back (``give_back``) as soon as its frame is done, by the request's callback: the
+        batches of two callers (--instances) interleave on the requests, none holding a request
+        while it waits for its slowest frame."""
+        outputs: list = [None] * len(inputs)
+        errors: list[BaseException] = []
+        left, lock, done = [len(inputs)], threading.Lock(), threading.Event()
+
+        def finished(userdata) -> None:
+            request, i = userdata
+            try:
+                outputs[i] = request.get_output_tensor(0).data.copy()
+            except BaseException as exc:  # noqa: BLE001 - raised by the caller below
+                errors.append(exc)
+            give_back(request)
+            with lock:
+                left[0] -= 1
+                if not left[0]:
+                    done.set()
+
+        for i, x in enumerate(inputs):
+            request = get()
+            try:
+                request.set_callback(finished, (request, i))
+                request.start_async({0: x})
+            except Exception as exc:  # a bad shape or dtype: refused before it runs
+                give_back(request)
+                with lock:  # the frames not started will never finish
+                    left[0] -= len(inputs) - i
+                    if not left[0]:
+                        done.set()
+                done.wait()  # those already started finish and hand their requests back
+                raise BackendError(f"OpenVINO cannot run this input {list(x.shape)} {x.dtype}: "
+                                   f"{first_line(exc)}") from None
+        done.wait()
+        if errors:
+            raise BackendError(f"OpenVINO inference failed: {first_line(errors[0])}")
+        return np.concatenate(outputs)
+
     def infer_impl(self, tensor: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(tensor, dtype=self.input_dtype)
-        t0 = time.perf_counter()
         fixed = not self.compiled.inputs[0].get_partial_shape()[0].is_dynamic
-        if x.shape[0] > 1 and fixed:
-            if x.shape[0] > len(self.requests):
-                raise BackendError(f"batch of {x.shape[0]} frames, but this OpenVINO model takes at most "
-                                   f"{len(self.requests)} at once (--ov-hint throughput runs more)")
-            for request, item in zip(self.requests, x):
-                request.start_async({0: item[None]})
-            for request in self.requests[: x.shape[0]]:
-                request.wait()
-            t1 = time.perf_counter()
-            out = np.concatenate([r.get_output_tensor(0).data for r in self.requests[: x.shape[0]]])
-        else:
-            request = self.requests[0]
-            request.infer({0: x})
-            t1 = time.perf_counter()
-            out = request.get_output_tensor(0).data.copy()
+        if x.shape[0] > 1 and fixed and x.shape[0] > len(self.requests):
+            raise BackendError(f"batch of {x.shape[0]} frames, but this OpenVINO model takes at most "
+                               f"{len(self.requests)} at once (--ov-hint throughput runs more)")
+        t0 = time.perf_counter()
+        # Every call runs through the requests' callbacks (a request that has one set reports
+        # through it), a fixed graph's batch as parallel requests, one per frame.
+        out = self._run_parallel(self._idle.get, self._idle.put, [item[None] for item in x] if x.shape[0] > 1 and fixed
+                                 else [x])
+        t1 = time.perf_counter()
         self.last_timings = {"ov_infer": (t1 - t0) * 1e3, "ov_output": (time.perf_counter() - t1) * 1e3}
         return out
 
     def _frame_model_request(self):
-        """An infer request of the model with the normalisation folded in: input BGR uint8
-        N x H x W x 3 at the model's size, output as the plain model's."""
-        if self.frame_request is not None:
-            return self.frame_request
+        """An idle infer request of the model with the normalisation folded in (input BGR uint8
+        N x H x W x 3 at the model's size, output as the plain model's): one more is made when
+        every one is in use by another thread. Give it back with ``_frame_idle.put``."""
+        with self._frame_lock:
+            if self._frame_compiled is None:
+                self._frame_compiled = self._compile_frame_model()
+        try:
+            return self._frame_idle.get_nowait()
+        except queue.Empty:
+            return self._frame_compiled.create_infer_request()
+
+    def _frame_parallel_request(self):
+        """An idle frame-input request for a batch: as many exist as the plain model has
+        requests (one per CPU stream under the throughput hint); beyond, it waits for one."""
+        with self._frame_lock:
+            if self._frame_compiled is None:
+                self._frame_compiled = self._compile_frame_model()
+            if self._frame_made < len(self.requests):
+                self._frame_made += 1
+                return self._frame_compiled.create_infer_request()
+        return self._frame_idle.get()
+
+    def _compile_frame_model(self):
         meta, core = self.meta, self._core
         try:
             model = core.read_model(str(self.path))
@@ -279,8 +342,7 @@ class OpenVINOBackend(Backend):
             compiled = core.compile_model(ppp.build(), self.options.ov_device, self._config)
         except Exception as exc:  # OpenVINO raises RuntimeError with multi-line C++ context
             raise BackendError(f"{self.path}: OpenVINO cannot compile the frame-input model: {first_line(exc)}") from None
-        self.frame_request = compiled.create_infer_request()
-        return self.frame_request
+        return compiled
 
     def infer_frame(self, frame_bgr: np.ndarray) -> np.ndarray:
         """BGR uint8 frame -> model output: resized here as ``preprocess`` resizes, normalised
@@ -294,15 +356,34 @@ class OpenVINOBackend(Backend):
         if frame_bgr.shape[:2] != (h, w):
             frame_bgr = cv2.resize(frame_bgr, (w, h), interpolation=cv2.INTER_LINEAR)
         t1 = time.perf_counter()
-        request.infer({0: np.ascontiguousarray(frame_bgr)[None]})
+        out = self._run_parallel(lambda: request, self._frame_idle.put, [np.ascontiguousarray(frame_bgr)[None]])
         t2 = time.perf_counter()
-        out = request.get_output_tensor(0).data.copy()
         self.last_timings = {"host_preprocess": (t1 - t0) * 1e3, "ov_infer": (t2 - t1) * 1e3,
                              "ov_output": (time.perf_counter() - t2) * 1e3}
         self.counts.add(1)
         return out
 
+    def infer_frames(self, frames: list[np.ndarray]) -> np.ndarray:
+        """BGR uint8 frames of one size -> the model's outputs, stacked: each frame resized as
+        ``infer_frame`` resizes it, the frames run at once as parallel requests of the
+        frame-input model (under the throughput hint, one per CPU stream)."""
+        self.require_loaded()
+        for frame in frames:
+            if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+                raise BackendError(f"expected BGR uint8 HxWx3 frames, got {frame.dtype} {frame.shape}")
+        t0 = time.perf_counter()
+        h, w = input_size_for(frames[0].shape, self.meta)
+        inputs = [np.ascontiguousarray(f if f.shape[:2] == (h, w) else
+                                       cv2.resize(f, (w, h), interpolation=cv2.INTER_LINEAR))[None] for f in frames]
+        t1 = time.perf_counter()
+        out = self._run_parallel(self._frame_parallel_request, self._frame_idle.put, inputs)
+        t2 = time.perf_counter()
+        self.last_timings = {"host_preprocess": (t1 - t0) * 1e3, "ov_infer": (t2 - t1) * 1e3, "ov_output": 0.0}
+        self.counts.add(len(frames))
+        return out
+
     def close_impl(self) -> None:
         self.requests = []
-        self.frame_request = None
+        self._idle, self._frame_idle = queue.SimpleQueue(), queue.SimpleQueue()
+        self._frame_compiled, self._frame_made = None, 0
         self.compiled = None
