@@ -246,42 +246,44 @@ class OpenVINOBackend(Backend):
     @staticmethod
     def _run_parallel(get, give_back, inputs: list[np.ndarray]) -> np.ndarray:
         """Each input on a request of its own from ``get()``, started as soon as it has one and
-        handed back (``give_back``) as soon as its frame is done, by the request's callback: the
-        batches of two callers (--instances) interleave on the requests, none holding a request
-        while it waits for its slowest frame."""
-        outputs: list = [None] * len(inputs)
-        errors: list[BaseException] = []
-        left, lock, done = [len(inputs)], threading.Lock(), threading.Event()
-
-        def finished(userdata) -> None:
-            request, i = userdata
-            try:
-                outputs[i] = request.get_output_tensor(0).data.copy()
-            except BaseException as exc:  # noqa: BLE001 - raised by the caller below
-                errors.append(exc)
-            give_back(request)
-            with lock:
-                left[0] -= 1
-                if not left[0]:
-                    done.set()
-
-        for i, x in enumerate(inputs):
+        handed back (``give_back``) as soon as its frame has been collected, in order, so the
+        batches of two callers (--instances) interleave on the requests. No completion
+        callbacks: a callback needs the GIL on OpenVINO's thread, which a busy pipeline's other
+        threads hold often enough to delay every frame; a lone input runs synchronously."""
+        if len(inputs) == 1:
             request = get()
             try:
-                request.set_callback(finished, (request, i))
-                request.start_async({0: x})
+                request.infer({0: inputs[0]})
+                return request.get_output_tensor(0).data.copy()
             except Exception as exc:  # a bad shape or dtype: refused before it runs
-                give_back(request)
-                with lock:  # the frames not started will never finish
-                    left[0] -= len(inputs) - i
-                    if not left[0]:
-                        done.set()
-                done.wait()  # those already started finish and hand their requests back
-                raise BackendError(f"OpenVINO cannot run this input {list(x.shape)} {x.dtype}: "
+                raise BackendError(f"OpenVINO cannot run this input {list(inputs[0].shape)} {inputs[0].dtype}: "
                                    f"{first_line(exc)}") from None
-        done.wait()
-        if errors:
-            raise BackendError(f"OpenVINO inference failed: {first_line(errors[0])}")
+            finally:
+                give_back(request)
+        started: list = []
+        outputs: list[np.ndarray] = []
+        try:
+            for x in inputs:
+                request = get()
+                try:
+                    request.start_async({0: x})
+                except Exception as exc:
+                    give_back(request)
+                    raise BackendError(f"OpenVINO cannot run this input {list(x.shape)} {x.dtype}: "
+                                       f"{first_line(exc)}") from None
+                started.append(request)
+            while started:
+                request = started[0]
+                request.wait()
+                outputs.append(request.get_output_tensor(0).data.copy())
+                give_back(started.pop(0))
+        finally:
+            for request in started:  # after an error: let those running finish, then hand them back
+                try:
+                    request.wait()
+                except Exception:  # noqa: BLE001 - the first error is the one reported
+                    pass
+                give_back(request)
         return np.concatenate(outputs)
 
     def infer_impl(self, tensor: np.ndarray) -> np.ndarray:
