@@ -293,8 +293,8 @@ class OpenVINOBackend(Backend):
             raise BackendError(f"batch of {x.shape[0]} frames, but this OpenVINO model takes at most "
                                f"{len(self.requests)} at once (--ov-hint throughput runs more)")
         t0 = time.perf_counter()
-        # Every call runs through the requests' callbacks (a request that has one set reports
-        # through it), a fixed graph's batch as parallel requests, one per frame.
+        # A fixed graph's batch runs as parallel requests, one per frame; a free batch axis
+        # takes the whole batch in one request.
         out = self._run_parallel(self._idle.get, self._idle.put, [item[None] for item in x] if x.shape[0] > 1 and fixed
                                  else [x])
         t1 = time.perf_counter()
