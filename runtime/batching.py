@@ -61,7 +61,7 @@ def default_instances(backend: Backend, streams: int) -> int:
     """Batches at once unless --instances says: two where the backend runs a batch as parallel
     requests lent per call (OpenVINO's throughput hint) and there are more ``streams`` than one
     batch holds, so one batch's frames start as the other's requests come free instead of every
-    request waiting for a batch's slowest frame (measured 1.3x the frames per second of one
+    request waiting for a batch's slowest frame (measured 1.1-1.3x the frames per second of one
     batch at a time at four streams: README, Many cameras); else one."""
     _, hi = backend.batch_range()
     parallel = backend.name == "openvino" and getattr(backend.options, "ov_hint", "") == "throughput"
@@ -145,7 +145,7 @@ class Batcher:
         # keeps doing so where frames run one at a time, and for a batch where it runs several
         # frames at once itself (``infer_frames``: parallel requests of a graph fixed at one frame).
         self.frame_input = backend.capabilities.frame_input and (
-            self.limit == 1 or (hi is not None and lo == 1 and callable(getattr(backend, "infer_frames", None))))
+            self.limit == 1 or (hi is not None and lo == 1 and backend.capabilities.frame_batches))
         self.max_wait_ms = max_wait_ms
         self.stats = BatchStats()
         self.listeners: list[Callable[[int, list["StreamSegmenter"]], None]] = []  # (batch, its streams)

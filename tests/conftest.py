@@ -88,6 +88,16 @@ def small_onnx_dynamic(small_model, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def batch_onnx(small_onnx, tmp_path_factory) -> Path:
+    """small_onnx (64x96, batch fixed at 1) with its batch axis freed by `dilseg export onnx --batch dynamic`."""
+    from dilseg.runtime.cli import main
+
+    out = tmp_path_factory.mktemp("batch") / "edge_s_batch.onnx"
+    assert main(["export", "onnx", "--from", str(small_onnx), "--batch", "dynamic", "-o", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def write_video():
     """``write_video(path, frames, fps=10.0, fourcc="mp4v") -> path``: a real video file written with
     cv2.VideoWriter (frames: BGR uint8 arrays of one size)."""

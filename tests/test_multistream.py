@@ -22,14 +22,6 @@ from dilseg.runtime.trt.build import resolve_profile
 
 
 @pytest.fixture(scope="module")
-def batch_onnx(small_onnx, tmp_path_factory) -> Path:
-    """small_onnx (64x96, batch fixed at 1) with its batch axis freed by `dilseg export onnx --batch dynamic`."""
-    out = tmp_path_factory.mktemp("batch") / "edge_s_batch.onnx"
-    assert main(["export", "onnx", "--from", str(small_onnx), "--batch", "dynamic", "-o", str(out)]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def clips(tmp_path_factory, write_video):
     """Two real video files of different sizes, lengths and content."""
     folder = tmp_path_factory.mktemp("clips")

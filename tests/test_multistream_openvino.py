@@ -24,13 +24,6 @@ ov = pytest.importorskip("openvino", reason="openvino is not installed (pip inst
 
 
 @pytest.fixture(scope="module")
-def batch_onnx(small_onnx, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("batch") / "edge_s_batch.onnx"
-    assert main(["export", "onnx", "--from", str(small_onnx), "--batch", "dynamic", "-o", str(out)]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
 def clip(tmp_path_factory, write_video) -> Path:
     return write_video(tmp_path_factory.mktemp("clip") / "a.avi", [synthetic_frame(i * 7, 96, 64) for i in range(8)],
                        fps=10, fourcc="MJPG")

@@ -32,6 +32,7 @@ class Capabilities:
     """What a backend offers beyond ``infer(tensor)``; callers test these, never attributes."""
 
     frame_input: bool = False  # infer_frame(bgr): uploads the frame once and preprocesses it on the GPU
+    frame_batches: bool = False  # infer_frames([bgr, ...]): several frames at once, preprocessed by the backend
     gpu_render: bool = False  # render_last(...): colours and blends the last infer_frame() labels on the GPU
     # last_timings: the backend's own split of its last call (extra keys, ms); keys ending in
     # "preprocess" are preprocessing it did itself (see Backend.own_preprocess_ms).
@@ -229,6 +230,10 @@ class Backend(abc.ABC):
     def infer_frame(self, frame_bgr: np.ndarray) -> np.ndarray:
         """BGR uint8 frame -> model output, preprocessed by the backend (``capabilities.frame_input``)."""
         raise BackendError(f"the {self.label} backend takes preprocessed tensors only (capabilities.frame_input)")
+
+    def infer_frames(self, frames: list[np.ndarray]) -> np.ndarray:
+        """BGR uint8 frames of one size -> the model's outputs, stacked (``capabilities.frame_batches``)."""
+        raise BackendError(f"the {self.label} backend takes one frame per call (capabilities.frame_batches)")
 
     def own_preprocess_ms(self) -> float:
         """Milliseconds of the last call that the backend spent preprocessing itself (its

@@ -137,7 +137,7 @@ class OpenVINOBackend(Backend):
     artifacts = ".onnx models"
     selection_hint = "add --backend openvino and pass an .onnx"
     Options = OpenVINOOptions
-    capabilities = Capabilities(frame_input=True, stage_timings=True)
+    capabilities = Capabilities(frame_input=True, frame_batches=True, stage_timings=True)
     requires = (("openvino", INSTALL_HINT),)
     # Infer requests are lent from a pool per call, so several threads may call infer at once
     # (capabilities.concurrent_infer, the default): each runs on requests of its own.
