@@ -151,7 +151,9 @@ def _usable(backend: str) -> str:
     if backend == "openvino":
         import openvino as ov
 
-        core = ov.Core()
+        from .backends.openvino_backend import shared_core
+
+        core = shared_core()
         default = core.get_property("CPU", "INFERENCE_PRECISION_HINT").to_string()
         return (f"{ov.get_version()}, devices {', '.join(core.available_devices)}, "
                 f"CPU default precision {default}")

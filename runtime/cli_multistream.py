@@ -51,10 +51,10 @@ def stream_defaults(args: argparse.Namespace, model) -> None:
         if choice is None or choice.backend != "openvino":
             return
         path = choice.path
-    import openvino as ov
+    from .backends.openvino_backend import shared_core
 
     try:
-        fixed = not ov.Core().read_model(str(path)).inputs[0].get_partial_shape()[0].is_dynamic
+        fixed = not shared_core().read_model(str(path)).inputs[0].get_partial_shape()[0].is_dynamic
     except Exception:  # noqa: BLE001 - unreadable here: the backend's own load says why
         return
     if fixed:

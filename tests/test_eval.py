@@ -124,9 +124,13 @@ def test_eval_of_weights_runs_pytorch_with_the_same_processing(tmp_path_factory)
     weights = tiny_weights(tmp_path_factory)
     onnx_model = tiny_onnx(tmp_path_factory)
     data = SegmentationDataset(CAMVID, "val")
-    # At the ONNX's input size, PyTorch and ONNX Runtime score the same up to float noise.
-    torch_result = evaluate(open_backend(weights, input_size=(64, 96)), data, limit=3, progress=False)
-    onnx_result = evaluate(open_backend(onnx_model), data, limit=3, progress=False)
+    # At the ONNX's input size and with its label head, PyTorch and ONNX Runtime score the
+    # same up to float noise (the paper's full head differs along boundaries, which on a model
+    # fitted for seconds moves the score by more than noise).
+    onnx_backend = open_backend(onnx_model)
+    head = onnx_backend.meta.extra["head"]
+    torch_result = evaluate(open_backend(weights, input_size=(64, 96), head=head), data, limit=3, progress=False)
+    onnx_result = evaluate(onnx_backend, data, limit=3, progress=False)
     assert torch_result.meta.model == "edge_s" and torch_result.meta.weights_sha256
     assert torch_result.scores.miou == pytest.approx(onnx_result.scores.miou, abs=2e-3)
 

@@ -25,7 +25,7 @@ from dilseg.runtime.preprocess import preprocess
 from precision_helpers import CAMVID, needs_camvid
 
 ov = pytest.importorskip("openvino", reason="openvino is not installed (pip install 'dilseg[openvino]')")
-from dilseg.runtime.backends.openvino_backend import OpenVINOBackend, rewrite_argmax  # noqa: E402
+from dilseg.runtime.backends.openvino_backend import OpenVINOBackend, rewrite_argmax, shared_core  # noqa: E402
 
 SHIPPED = default_model_path()
 
@@ -128,12 +128,43 @@ def argmax_graph(path: Path) -> Path:
     return path
 
 
+SIGNAL_AFTER_BACKENDS = """
+import gc, os, signal, sys, threading
+from dilseg.runtime.backends import open_backend
+model, cache = sys.argv[1], sys.argv[2]
+signal.signal(signal.SIGUSR1, lambda *_: print("handled", flush=True))
+def opened():
+    return open_backend(model, "openvino", ov_precision="f32", ov_cache=cache, log=lambda _: None)
+# Closed in the order opened, and one opened on another thread but closed here: what a
+# pipeline, the demo's workers and a multi-stream run do.
+a, b = opened(), opened()
+box = []
+t = threading.Thread(target=lambda: box.append(opened()))
+t.start(); t.join()
+a.close(); b.close(); box[0].close()
+del a, b, box
+gc.collect()
+os.kill(os.getpid(), signal.SIGUSR1)
+print("alive", flush=True)
+"""
+
+
+def test_backends_closed_in_any_order_leave_signal_handling_intact(small_onnx, tmp_path) -> None:
+    # OpenVINO's CPU plugin swaps the signal stack of the thread that starts it and frees it
+    # when its Core goes; Cores freed out of order left the main thread's signal stack freed,
+    # and the next Python signal handler (Ctrl-C, SIGTERM) died with SIGSEGV.
+    r = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_BACKENDS, str(small_onnx), str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"rc {r.returncode}: {r.stderr[-2000:]}"
+    assert r.stdout.split() == ["handled", "alive"]
+
+
 def test_argmax_rewrite_picks_the_first_maximum_like_onnx(tmp_path) -> None:
     path = argmax_graph(tmp_path / "argmax.onnx")
     rng = np.random.default_rng(0)
     x = rng.integers(0, 3, (1, 4, 3, 5)).astype(np.float32)  # many ties between channels
     x[0, :, 0, 0] = 7.0  # all four equal: the first wins
-    core = ov.Core()
+    core = shared_core()
     model = core.read_model(str(path))
     assert rewrite_argmax(model) == 1
     assert "TopK" not in [op.get_type_name() for op in model.get_ordered_ops()]

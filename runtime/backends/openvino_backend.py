@@ -25,6 +25,7 @@ module without it fails with a message saying so.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import queue
@@ -58,6 +59,20 @@ INSTALL_HINT = "pip install 'dilseg[openvino]' (or pip install openvino)"
 def require_openvino():
     if ov is None:
         raise BackendError(f"the OpenVINO backend needs the openvino package: {INSTALL_HINT}")
+
+
+@functools.cache
+def shared_core() -> "ov.Core":
+    """The process's one OpenVINO Core, never released before exit.
+
+    When a Core first uses the CPU, OpenVINO's CPU plugin maps a larger signal stack for the
+    calling thread (AMX state does not fit the default one) and unmaps it when that Core is
+    released. A Core released on another thread, or two released out of order, leave a thread
+    whose signal stack is freed memory, and the next Python signal handler run there kills the
+    process with SIGSEGV. One Core for the process never frees it (and OpenVINO advises one
+    Core per process anyway); settings go per compile, not on the Core."""
+    require_openvino()
+    return ov.Core()
     return ov
 
 
@@ -170,7 +185,7 @@ class OpenVINOBackend(Backend):
         require_openvino()
         self.require_file()
         self.meta = read_onnx_meta(self.path)
-        core = ov.Core()
+        core = shared_core()
         if self.options.ov_device not in core.available_devices:
             raise BackendError(f"--ov-device {self.options.ov_device}: not available here "
                                f"(OpenVINO sees: {', '.join(core.available_devices)})")
