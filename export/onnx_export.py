@@ -149,12 +149,12 @@ def verify_onnx(model: nn.Module, model_bytes: bytes, meta: ModelMeta, size: tup
     PyTorch runs the same head as the graph (``head`` in the metadata), so the logits
     compared are the ones its ArgMax reads, at that head's resolution.
     """
-    import onnxruntime as ort
+    from dilseg.runtime.ort_options import open_session
 
     proto = onnx.load_from_string(model_bytes)
     if meta.output_kind == "labels":
         proto = with_logits_output(proto)
-    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = open_session(proto.SerializeToString())
     in_name = sess.get_inputs()[0].name
     in_type = np.float16 if sess.get_inputs()[0].type == "tensor(float16)" else np.float32
     inputs = inputs if inputs is not None else verification_inputs(meta, size)

@@ -344,9 +344,12 @@ def graph_precision(proto: onnx.ModelProto) -> str:
 def _session(proto: onnx.ModelProto):
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    from dilseg.runtime.ort_options import open_session
+
+    def quiet(so: ort.SessionOptions) -> None:
+        so.log_severity_level = 3
+
+    return open_session(proto.SerializeToString(), configure=quiet)
 
 
 def frames_from(folder: str | Path | None, count: int) -> tuple[list[np.ndarray], bool]:

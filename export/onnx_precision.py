@@ -31,6 +31,7 @@ def run_from_onnx(args: argparse.Namespace) -> int:
 
     from dilseg.runtime.artifact import read_onnx_meta
     from dilseg.runtime.dataset import read_image
+    from dilseg.runtime.ort_options import open_session
     from dilseg.runtime.files import atomic_write_bytes
     from dilseg.runtime.preprocess import preprocess
 
@@ -53,10 +54,11 @@ def run_from_onnx(args: argparse.Namespace) -> int:
     proto = onnx.load(str(src))
     variant, vmeta = make_variant(proto, meta, args.precision, calib, args.target, args.calib_method)
 
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    ref = ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
-    cand = ort.InferenceSession(variant.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    def quiet(so: ort.SessionOptions) -> None:
+        so.log_severity_level = 3
+
+    ref = open_session(str(src), configure=quiet)
+    cand = open_session(variant.SerializeToString(), configure=quiet)
     picks = calib[:: max(1, len(calib) // 4)][:4]
     same = total = 0
     for path in picks:

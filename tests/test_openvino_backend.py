@@ -190,8 +190,13 @@ def test_bf16_and_the_throughput_hint(frames, tmp_path) -> None:
     xs = [preprocess(f, meta) for f in frames]
     with open_backend(SHIPPED, "openvino", ov_precision="f32", ov_cache=str(tmp_path), log=lambda _: None) as f32:
         ref = [f32.infer(x) for x in xs]
-    with open_backend(SHIPPED, "openvino", ov_precision="bf16", ov_cache=str(tmp_path), log=lambda _: None) as bf16:
-        assert bf16.precision == "bf16"
+    notes = []
+    with open_backend(SHIPPED, "openvino", ov_precision="bf16", ov_cache=str(tmp_path), log=notes.append) as bf16:
+        if "BF16" in shared_core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"):
+            assert bf16.precision == "bf16" and not any("cannot run" in n for n in notes)
+        else:  # OpenVINO runs f32 on a CPU without bf16, and the backend says so
+            assert bf16.precision == "f32"
+            assert any("CPU cannot run bf16 here" in n and "it runs f32" in n for n in notes), notes
         assert np.mean([(bf16.infer(x) == r).mean() for x, r in zip(xs, ref)]) >= 0.99
     with open_backend(SHIPPED, "openvino", ov_precision="f32", ov_hint="throughput", ov_cache=str(tmp_path),
                       log=lambda _: None) as tp:
@@ -223,7 +228,7 @@ def test_compiled_model_cache_is_keyed_by_the_onnx_and_says_what_happened(tmp_pa
     for blob in folders[0].glob("*.blob"):
         blob.unlink()
     open_backend(model, "openvino", ov_precision="bf16", ov_cache=str(cache), log=messages.append).close()
-    assert "the precision changed (f32 -> bf16)" in messages[-1]
+    assert any("the precision changed (f32 -> bf16)" in m for m in messages[-2:])
     # Another ONNX (here: the same graph with other metadata) gets its own folder.
     proto = onnx.load(str(model))
     proto.doc_string = "changed"

@@ -69,7 +69,11 @@ def test_verify_passes_real_variants_within_thresholds(tmp_path_factory, tmp_pat
 def direct_comparison(reference, candidate, n: int):
     """Agreement and mIoU deltas computed without the runtime: own preprocessing and formulas."""
     data = SegmentationDataset(CAMVID, "val")
-    sessions = [ort.InferenceSession(str(m), providers=["CPUExecutionProvider"]) for m in (reference, candidate)]
+    # Exact int8 products on CPUs without VNNI, as a VNNI CPU or TensorRT computes them
+    # (ONNX Runtime's own session option; runtime/ort_options.py says why).
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.x64quantprecision", "1")
+    sessions = [ort.InferenceSession(str(m), so, providers=["CPUExecutionProvider"]) for m in (reference, candidate)]
     same = total = 0
     inter = np.zeros((2, 11))
     union = np.zeros((2, 11))

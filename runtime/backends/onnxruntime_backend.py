@@ -10,6 +10,7 @@ import onnxruntime as ort
 
 from ..artifact import ONNX_SUFFIX, session_meta
 from ..errors import first_line
+from ..ort_options import open_session
 from .base import Backend, BackendError, BackendOptions, check_threads
 
 PROVIDER_ALIASES = {
@@ -72,18 +73,19 @@ class OnnxRuntimeBackend(Backend):
     def threads(self) -> int:
         return self.options.threads or default_threads()
 
-    def load_impl(self) -> None:
-        so = ort.SessionOptions()
+    def configure(self, so: ort.SessionOptions) -> None:
         so.intra_op_num_threads = self.threads
         so.inter_op_num_threads = 1
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # The pipeline's threads already overlap the stages; spinning workers would only steal
         # cycles from capture and postprocessing where cores are few.
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+
+    def load_impl(self) -> None:
         providers = choose_providers(self.options.providers)
         self.require_file()
         try:
-            self.session = ort.InferenceSession(str(self.path), so, providers=providers)
+            self.session = open_session(str(self.path), providers, self.configure)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise BackendError(f"{self.path}: ONNX Runtime cannot load this model: {first_line(exc)}") from None
         self.meta = session_meta(self.path, self.session)  # one session: metadata and inference

@@ -209,7 +209,17 @@ class OpenVINOBackend(Backend):
             raise BackendError(f"{self.path}: OpenVINO cannot compile this model: {first_line(exc)}") from None
         seconds = time.perf_counter() - t0
         self.cache_message = self._note_cache(folder, key, seconds)
-        (self.options.log or (lambda text: print(text, file=sys.stderr)))(self.cache_message)
+        log = self.options.log or (lambda text: print(text, file=sys.stderr))
+        log(self.cache_message)
+        wanted = self.options.ov_precision
+        if wanted and self.precision != wanted:
+            # OpenVINO quietly runs f32 where the CPU lacks the asked precision; say so.
+            try:
+                caps = ", ".join(core.get_property(self.options.ov_device, "OPTIMIZATION_CAPABILITIES"))
+            except Exception:  # noqa: BLE001 - a device that cannot list them
+                caps = "not listed"
+            log(f"OpenVINO: {self.options.ov_device} cannot run {wanted} here (its capabilities: {caps}); "
+                f"it runs {self.precision}")
         inputs = self.compiled.inputs
         if len(inputs) != 1 or inputs[0].get_partial_shape().rank.get_length() != 4:
             raise BackendError(f"{self.path}: expected one NCHW image input, found {len(inputs)} input(s)")
