@@ -31,8 +31,8 @@ def run_from_onnx(args: argparse.Namespace) -> int:
 
     from dilseg.runtime.artifact import read_onnx_meta
     from dilseg.runtime.dataset import read_image
-    from dilseg.runtime.ort_options import open_session
     from dilseg.runtime.files import atomic_write_bytes
+    from dilseg.runtime.ort_options import open_session
     from dilseg.runtime.preprocess import preprocess
 
     src, out = Path(args.from_onnx), Path(args.output)

@@ -59,6 +59,7 @@ INSTALL_HINT = "pip install 'dilseg[openvino]' (or pip install openvino)"
 def require_openvino():
     if ov is None:
         raise BackendError(f"the OpenVINO backend needs the openvino package: {INSTALL_HINT}")
+    return ov
 
 
 @functools.cache
@@ -71,9 +72,7 @@ def shared_core() -> "ov.Core":
     whose signal stack is freed memory, and the next Python signal handler run there kills the
     process with SIGSEGV. One Core for the process never frees it (and OpenVINO advises one
     Core per process anyway); settings go per compile, not on the Core."""
-    require_openvino()
-    return ov.Core()
-    return ov
+    return require_openvino().Core()
 
 
 def user_cache_dir() -> Path:
