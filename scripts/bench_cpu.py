@@ -157,9 +157,9 @@ def precisions(args: argparse.Namespace, model: Path, machine) -> dict:
         sess = ort.InferenceSession(graphs[kind], so, providers=["CPUExecutionProvider"])
         roof_fns[f"onnxruntime {kind}"] = lambda s=sess: s.run(None, {"x": xg})
     if "openvino" in machine.packages:
-        import openvino as ov
+        from dilseg.runtime.backends.openvino_backend import shared_core
 
-        core = ov.Core()
+        core = shared_core()
         for kind, prec in (("fp32", "f32"), ("bf16", "bf16"), ("int8", "f32")):
             graph = graphs["int8" if kind == "int8" else "fp32"]
             req = core.compile_model(core.read_model(graph, b""), "CPU",

@@ -130,15 +130,13 @@ def ort_head_ms(path: Path, x: np.ndarray, runs: int) -> tuple[float, float]:
 
 def ov_compiled(path: Path, precision: str, profile: bool = False):
     """Compiled as the OpenVINO backend compiles it (its ArgMax rewrite included)."""
-    import openvino as ov
-
-    from dilseg.runtime.backends.openvino_backend import rewrite_argmax
+    from dilseg.runtime.backends.openvino_backend import rewrite_argmax, shared_core
 
     config = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY",
               "INFERENCE_NUM_THREADS": os.cpu_count() or 1}
     if profile:
         config["PERF_COUNT"] = True
-    core = ov.Core()
+    core = shared_core()
     model = core.read_model(str(path))
     rewrite_argmax(model)
     return core.compile_model(model, "CPU", config)
