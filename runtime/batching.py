@@ -64,8 +64,7 @@ def default_instances(backend: Backend, streams: int) -> int:
     request waiting for a batch's slowest frame (measured 1.1-1.3x the frames per second of one
     batch at a time at four streams: README, Many cameras); else one."""
     _, hi = backend.batch_range()
-    parallel = backend.name == "openvino" and getattr(backend.options, "ov_hint", "") == "throughput"
-    return 2 if parallel and hi is not None and 1 < hi < streams and concurrent_infer(backend) else 1
+    return 2 if backend.parallel_batches() and hi is not None and hi < streams and concurrent_infer(backend) else 1
 
 
 @dataclass(eq=False)

@@ -79,10 +79,10 @@ def _open_sources(specs: list[str], **opts) -> list:
 
 
 def run_streams(args: argparse.Namespace, specs: list[str], model) -> int:
+    from .batching import default_instances
     from .bench import peak_rss_bytes
     from .cli_eval import check_json_target
     from .cli_run import _open_backend
-    from .batching import default_instances
     from .multistream import Mosaic, MultiStream
     from .sinks import open_sink
     from .view import ViewSettings
@@ -188,10 +188,10 @@ def bench_streams(args: argparse.Namespace, specs: list[str], model) -> int:
     inference of one frame against a batch of as many frames as there are streams."""
     import numpy as np
 
+    from .batching import default_instances
     from .bench import peak_rss_bytes, raw_inference
     from .cli_eval import check_json_target
     from .cli_run import _open_backend
-    from .batching import default_instances
     from .multistream import MultiStream
     from .preprocess import preprocess
     from .sinks import Sink

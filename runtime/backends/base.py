@@ -204,6 +204,11 @@ class Backend(abc.ABC):
         default suits an artifact fixed at one frame: several streams then run one at a time."""
         return (1, 1)
 
+    def parallel_batches(self) -> bool:
+        """Whether a batch runs as parallel requests lent per call, so that a second batch can
+        start on the requests the first one has finished with (``--instances`` default 2)."""
+        return False
+
     def close(self) -> None:
         """Release everything; safe to call twice."""
         if self._loaded:

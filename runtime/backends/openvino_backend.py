@@ -265,6 +265,11 @@ class OpenVINOBackend(Backend):
         # A fixed batch-1 graph still takes a batch: its frames run as parallel requests.
         return (1, len(self.requests) or 1)
 
+    def parallel_batches(self) -> bool:
+        # A graph fixed at one frame runs a batch as one request per frame (throughput hint:
+        # several requests); a free batch axis runs it as one request.
+        return self.batch_range()[1] not in (None, 1)
+
     # -- infer ----------------------------------------------------------------------------
 
     @staticmethod
