@@ -32,7 +32,8 @@ logits (|diff| <= 1e-3), fp16 and int8 by argmax agreement on calibration frames
 >= 90% by default; --min-agreement changes it). fp16 keeps in fp32 any op whose activations
 on the calibration frames come within 4x of fp16's range. int8 --target tensorrt: symmetric
 int8 activations (zero point 0), per-channel symmetric int8 weights (what TensorRT accepts);
---target cpu: uint8 asymmetric activations, per-channel int8 weights (fast on x86 VNNI)."""
+--target cpu: uint8 asymmetric activations, per-channel int8 weights in 7 bits (fast on x86,
+exact on CPUs without VNNI too: their int16 pair sums cannot saturate)."""
 
 TRAIN_EPILOG = """\
 examples:

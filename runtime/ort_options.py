@@ -2,10 +2,12 @@
 
 ONNX Runtime's default int8 kernel on x86 CPUs without VNNI (AVX2, AVX-512 without VNNI)
 multiplies uint8 activations by int8 weights with saturating 16-bit intermediates, so an int8
-graph's labels there are not the ones a VNNI CPU or TensorRT computes: the shipped int8
-variant lost 0.2 points of mIoU against its card and a lightly trained model's int8 export
+graph's labels there are not the ones a VNNI CPU or TensorRT computes: an int8 variant with
+8-bit weights lost 0.2 points of mIoU against its card and a lightly trained model's int8 export
 agreed with PyTorch on 83 % of pixels instead of over 90 %. ``session.x64quantprecision``
-selects the exact uint8 x uint8 kernel on those CPUs and is ignored on VNNI CPUs.
+selects an exact kernel on those CPUs and is ignored on VNNI CPUs. dilseg's own ``cpu`` int8
+exports have 7-bit weights, which cannot saturate and keep the fast kernel; the option is for
+every other int8 graph (a user's own quantisation, an older variant), exact but slower there.
 
 Its graph rewrite fails on some graphs (transformer imports: "Attempt to replace the existing
 tensor"). Those open at the basic optimisation level instead, where quantised nodes are not

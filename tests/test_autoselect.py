@@ -19,7 +19,9 @@ MODEL = Path("/models/m.onnx")
 BOTH = {"int8cpu": Path("/models/m.int8cpu.onnx"), "fp16": Path("/models/m.fp16.onnx")}
 ZEN4 = frozenset({"avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni"})
 SAPPHIRE_RAPIDS = ZEN4 | {"amx_bf16", "amx_tile", "amx_int8"}
-OLD_X86 = frozenset({"avx2", "fma"})
+AVX2_ONLY = frozenset({"avx", "avx2", "fma"})  # e.g. AMD Zen 3, Intel Skylake client
+OLD_X86 = frozenset({"sse4_2", "avx"})  # Sandy Bridge: no AVX2
+ARM = frozenset({"fp", "asimd", "asimddp", "sve"})
 
 
 def machine(flags=ZEN4, packages=(), gpu=False) -> Machine:
@@ -38,7 +40,11 @@ def machine(flags=ZEN4, packages=(), gpu=False) -> Machine:
     # VNNI without AMX: int8 on ONNX Runtime, with or without openvino installed.
     (machine(ZEN4, ("openvino",)), BOTH, ("onnxruntime", "m.int8cpu.onnx", {})),
     (machine(ZEN4), {"fp16": BOTH["fp16"]}, ("onnxruntime", "m.onnx", {})),  # no int8 variant
-    (machine(OLD_X86, ("openvino",)), BOTH, ("onnxruntime", "m.onnx", {})),  # no VNNI: fp32
+    # AVX2 without VNNI: the same int8 variant (7-bit weights, exact there), with or without openvino.
+    (machine(AVX2_ONLY, ("openvino",)), BOTH, ("onnxruntime", "m.int8cpu.onnx", {})),
+    (machine(AVX2_ONLY), {"fp16": BOTH["fp16"]}, ("onnxruntime", "m.onnx", {})),  # no int8 variant
+    (machine(OLD_X86, ("openvino",)), BOTH, ("onnxruntime", "m.onnx", {})),  # no AVX2: fp32
+    (machine(ARM), BOTH, ("onnxruntime", "m.onnx", {})),  # not x86
     (machine(frozenset()), BOTH, ("onnxruntime", "m.onnx", {})),  # nothing known (no /proc/cpuinfo)
 ])
 def test_every_branch_of_the_decision(m, variants, want) -> None:
@@ -48,7 +54,8 @@ def test_every_branch_of_the_decision(m, variants, want) -> None:
 
 
 def test_reasons_name_what_decided() -> None:
-    assert "no VNNI" in choose(MODEL, machine(OLD_X86), BOTH).reason
+    assert "no AVX2 or VNNI" in choose(MODEL, machine(OLD_X86), BOTH).reason
+    assert "AVX2 and no VNNI" in choose(MODEL, machine(AVX2_ONLY), BOTH).reason
     assert "no int8cpu variant" in choose(MODEL, machine(ZEN4), {}).reason
     assert "AMX" in choose(MODEL, machine(SAPPHIRE_RAPIDS, ("openvino",)), BOTH).reason
     assert "--ov-precision bf16" in choose(MODEL, machine(SAPPHIRE_RAPIDS, ("openvino",)), BOTH).describe()
@@ -86,7 +93,7 @@ def test_the_shipped_model_on_this_machine() -> None:
     assert isinstance(choice, Choice)
     assert choice == choose(SHIPPED, m, {"int8cpu": SHIPPED.with_name("edge_m_camvid.int8cpu.onnx"),
                                          "fp16": SHIPPED.with_name("edge_m_camvid.fp16.onnx")})
-    if m.vnni and not m.amx and not m.nvidia_gpu:
+    if (m.vnni or m.avx2) and not m.amx and not m.nvidia_gpu:
         assert (choice.backend, choice.path.name) == ("onnxruntime", "edge_m_camvid.int8cpu.onnx")
 
 

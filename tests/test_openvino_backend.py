@@ -22,10 +22,12 @@ from dilseg.runtime.defaults import default_model_path
 from dilseg.runtime.errors import DilsegError
 from dilseg.runtime.preprocess import preprocess
 
-from precision_helpers import CAMVID, needs_camvid
+from precision_helpers import CAMVID, needs_camvid, tiny_onnx
 
 ov = pytest.importorskip("openvino", reason="openvino is not installed (pip install 'dilseg[openvino]')")
-from dilseg.runtime.backends.openvino_backend import OpenVINOBackend, rewrite_argmax, shared_core  # noqa: E402
+from dilseg.runtime.autoselect import VNNI_FLAGS, cpu_facts  # noqa: E402
+from dilseg.runtime.backends.openvino_backend import (int8_weight_peak, rewrite_argmax,  # noqa: E402
+                                                      saturation_warning, shared_core)
 
 SHIPPED = default_model_path()
 
@@ -267,6 +269,55 @@ def test_cli_run_bench_and_eval_on_openvino(tmp_path) -> None:
                    "--no-progress")
         assert r.returncode == 0, r.stderr
         assert "mIoU" in r.stdout
+
+
+def test_saturation_warning_is_for_8_bit_weights_on_x86_cpus_without_vnni() -> None:
+    avx2 = frozenset({"sse2", "ssse3", "avx2", "fma"})
+    warning = saturation_warning(127, "CPU", avx2)
+    assert "8-bit weights" in warning and "no VNNI" in warning and "--backend onnxruntime" in warning
+    assert saturation_warning(128, "CPU", avx2 | {"avx512f"})  # AVX-512 without VNNI saturates too
+    for peak, device, flags in ((64, "CPU", avx2), (None, "CPU", avx2), (127, "CPU", avx2 | {"avx512_vnni"}),
+                                (127, "CPU", avx2 | {"avx_vnni"}), (127, "GPU", avx2),
+                                (127, "CPU", frozenset({"fp", "asimd", "asimddp"}))):  # not x86
+        assert saturation_warning(peak, device, flags) is None, (peak, device, flags)
+
+
+def test_int8_weight_peak_reads_both_forms_of_quantised_weights(tmp_path) -> None:
+    from test_ort_options import saturating_int8_graph
+
+    path = tmp_path / "saturating.onnx"
+    path.write_bytes(saturating_int8_graph())
+    core = shared_core()
+    assert int8_weight_peak(core.read_model(str(path))) == 128  # int8 initialisers
+    assert int8_weight_peak(core.read_model(str(SHIPPED))) is None  # fp32
+    assert int8_weight_peak(core.read_model(str(SHIPPED.with_name("edge_m_camvid.int8cpu.onnx")))) <= 64
+
+
+def test_seven_bit_int8_is_exact_in_openvino_on_this_cpu(tmp_path) -> None:
+    """The premise of the cpu flavour's 7 bits, for real: OpenVINO's int8 products with weights
+    within -64..64 equal the graph's definition on every x86 CPU (with 8 bits they do not on a
+    CPU without VNNI, which the warning says)."""
+    from test_ort_options import K, exact_result, saturating_int8_graph
+
+    x = np.ones((1, 3, 8, K), np.float32)
+    for weight in (64, -64):
+        path = tmp_path / f"seven_bit_{weight}.onnx"
+        path.write_bytes(saturating_int8_graph(weight))
+        got = shared_core().compile_model(str(path), "CPU")({0: x})[0]
+        np.testing.assert_array_equal(got, exact_result(x, weight))
+
+
+@needs_camvid
+def test_the_backend_warns_of_8_bit_weights_where_they_saturate(tmp_path_factory, tmp_path) -> None:
+    """Real exports: the cpu flavour (7-bit) loads quietly everywhere; the tensorrt flavour
+    (8-bit weights) warns on this CPU exactly when it has no VNNI."""
+    saturates = not (VNNI_FLAGS & cpu_facts()[1]) and "ssse3" in cpu_facts()[1]
+    for target, warns in (("cpu", False), ("tensorrt", saturates)):
+        lines: list[str] = []
+        model = tiny_onnx(tmp_path_factory, "int8", target)
+        with open_backend(model, "openvino", ov_cache=str(tmp_path), log=lines.append) as be:
+            assert (be.saturation_warning is not None) == warns, target
+            assert any("8-bit weights" in line for line in lines) == warns, lines
 
 
 def test_without_openvino_the_backend_says_how_to_install_it() -> None:

@@ -18,14 +18,16 @@ from dilseg.runtime.ort_options import EXACT_INT8, UNFUSED_NOTE, open_session
 K = 64  # products per output: 64 x 255 x 127 overflows int16 pairs many times over
 
 
-def saturating_int8_graph() -> bytes:
-    """x (uint8 after quantisation, all 255) times int8 weights of +-127/-128, as QDQ nodes
+def saturating_int8_graph(weight: int = 127) -> bytes:
+    """x (uint8 after quantisation, all 255) times int8 weights of +-``weight`` (127: +127/-128,
+    whose pair sums overflow int16; 64 or less: 7-bit weights, which cannot), as QDQ nodes
     that ONNX Runtime fuses into one integer MatMul."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, K])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    w = np.full((K, 4), 127, np.int8)
-    w[:, 1] = -128
-    w[1::2, 2] = -128
+    low = -128 if weight == 127 else -abs(weight)
+    w = np.full((K, 4), abs(weight), np.int8)
+    w[:, 1] = low
+    w[1::2, 2] = low
     consts = {"w": w, "ws": np.array(0.01, np.float32), "wz": np.array(0, np.int8),
               "xs": np.array(1 / 255, np.float32), "xz": np.array(0, np.uint8),
               "ys": np.array(0.5, np.float32), "yz": np.array(128, np.uint8)}
@@ -39,9 +41,9 @@ def saturating_int8_graph() -> bytes:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
-def exact_result(x: np.ndarray) -> np.ndarray:
+def exact_result(x: np.ndarray, weight: int = 127) -> np.ndarray:
     """The graph's output from its definition: integer products, then requantisation."""
-    model = saturating_int8_graph()
+    model = saturating_int8_graph(weight)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # DQ -> float MatMul -> Q, unfused
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]

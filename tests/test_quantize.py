@@ -93,6 +93,25 @@ def test_cpu_flavour_has_uint8_activations_with_zero_points(tmp_path_factory) ->
     meta = read_meta(path)
     assert meta.precision == "int8" and meta.extra["int8_target"] == "cpu"
     assert "uint8" in meta.extra["calibration"]["activations"]
+    assert "7 bits" in meta.extra["calibration"]["weights"]
+
+
+def int8_weight_peak(path) -> int:
+    """The largest |quantised weight|: int8 initialisers (cpu flavour), or float weights over
+    their QuantizeLinear scales (tensorrt flavour's Q/DQ pairs)."""
+    model = onnx.load(str(path))
+    stored = [int(np.abs(v.astype(np.int16)).max()) for v in constants(model).values() if v.dtype == np.int8 and v.size > 1]
+    values = constants(model)
+    paired = [int(np.rint(np.abs(values[q.input[0]]) / scale.reshape(-1, *[1] * (values[q.input[0]].ndim - 1))).max())
+              for q, scale, _ in qdq_nodes(model, "QuantizeLinear", weights=True)]
+    return max(stored + paired)
+
+
+def test_cpu_flavour_weights_fit_in_7_bits_and_tensorrt_keeps_8(tmp_path_factory) -> None:
+    """7-bit weights (|w| <= 64) keep the int16 pair sums of CPUs without VNNI from saturating
+    (2 x 255 x 64 < 32767); TensorRT's flavour keeps the full int8 range."""
+    assert 32 < int8_weight_peak(tiny_onnx(tmp_path_factory, "int8", "cpu")) <= 64
+    assert 64 < int8_weight_peak(tiny_onnx(tmp_path_factory, "int8", "tensorrt")) <= 127
 
 
 def test_int8_and_fp16_keep_the_runtime_boundary(tmp_path_factory) -> None:
@@ -243,7 +262,7 @@ def test_cli_exports_int8_and_explains_bad_input(tmp_path_factory, tmp_path, cap
     meta = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["dilseg"])
     assert meta["precision"] == "int8" and meta["extra"]["int8_target"] == "cpu"
     assert meta["extra"]["calibration"] == {"method": "minmax", "images": 8, "activations": "uint8 asymmetric",
-                                            "weights": "int8 per-channel symmetric"}
+                                            "weights": "int8 per-channel symmetric, 7 bits (-64..64)"}
     assert meta["classes"][3] == "Road" and meta["input_size"] == [64, 96]
 
     def fails(*args: str) -> str:

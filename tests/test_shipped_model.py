@@ -112,19 +112,31 @@ def test_shipped_variants_belong_to_the_shipped_onnx() -> None:
 def test_shipped_variants_match_the_card_on_camvid_val() -> None:
     card = json.loads(CARD_METRICS.read_text())
     data = SegmentationDataset(CAMVID, "val")
-    # (variant, largest mIoU loss against fp32, smallest pixel agreement with fp32 %)
-    limits = {"int8cpu": (1.0, 98.5), "fp16": (0.1, 99.9)}
+    # (variant, backend, largest mIoU loss against fp32, smallest pixel agreement with fp32 %).
+    # OpenVINO runs the int8 variant too: on a CPU without VNNI its int8 products are exact only
+    # because the variant's weights have 7 bits (8-bit weights lost 10 points there).
+    limits = [("int8cpu", "onnxruntime", 1.0, 98.0), ("fp16", "onnxruntime", 0.1, 99.9)]
+    try:
+        import openvino  # noqa: F401
+
+        limits.append(("int8cpu", "openvino", 1.0, 98.0))
+    except ImportError:
+        pass
     reference = open_backend(ONNX)
     try:
-        for variant, (max_drop, min_agreement) in limits.items():
+        for variant, backend, max_drop, min_agreement in limits:
             row = card["variants"][variant]
-            candidate = open_backend(MODELS / row["file"])
+            quiet = {"log": lambda _: None} if backend == "openvino" else {}
+            candidate = open_backend(MODELS / row["file"], backend, **quiet)
             try:
                 result = verify(reference, candidate, data, progress=False)
             finally:
                 candidate.close()
             miou = 100 * result.candidate_scores.miou
-            assert abs(miou - row["val_miou"]) <= 0.05, f"{variant}: {miou:.2f}% mIoU, the card says {row['val_miou']}"
+            # The card's figure is ONNX Runtime's (exact int8); OpenVINO rounds its requantisation its own way.
+            tolerance = 0.05 if backend == "onnxruntime" else 0.2
+            assert abs(miou - row["val_miou"]) <= tolerance, \
+                f"{variant} on {backend}: {miou:.2f}% mIoU, the card says {row['val_miou']}"
             assert result.miou_delta >= -max_drop, f"{variant} loses {-result.miou_delta:.2f} mIoU points"
             assert result.agreement >= min_agreement, f"{variant} agrees with fp32 on {result.agreement:.2f}%"
     finally:

@@ -13,6 +13,11 @@ on the CPU, with the same pre- and postprocessing as every other backend.
   of an int8 model's time); the label head's TopK is rewritten at load into the same first-index
   maximum from element-wise ops (ReduceMax, Equal, Select), which OpenVINO fuses.
 
+- int8 on x86 CPUs without VNNI: their uint8 x int8 products go through saturating int16 pair
+  sums, exact only for weights within -64..64 (7 bits, what dilseg's ``cpu`` int8 exports use).
+  An int8 graph with 8-bit weights loads with a warning there (``saturation_warning``): the
+  shipped model lost 10 points of mIoU that way; ONNX Runtime computes such graphs exactly.
+
 - frames: ``infer_frame`` takes the BGR uint8 frame; OpenCV resizes it to the model's input
   (the same resize as every backend) and OpenVINO's PrePostProcessor does the rest inside the
   compiled graph (u8 to float, colour order, mean/std, NHWC to NCHW), where it runs on the
@@ -93,7 +98,7 @@ class OpenVINOOptions(BackendOptions):
     threads: int | None = None  # inference threads (None: OpenVINO's choice, every core)
     ov_cache: str | Path | None = None  # compiled-model cache root (None: ~/.cache/dilseg/openvino)
     ov_device: str = "CPU"
-    log: Callable[[str], None] | None = None  # where the cache message goes (default: stderr)
+    log: Callable[[str], None] | None = None  # where the cache message and warnings go (default: stderr)
 
     def __post_init__(self) -> None:
         if self.ov_precision is not None and self.ov_precision not in PRECISIONS:
@@ -144,6 +149,44 @@ def rewrite_argmax(model) -> int:
     return replaced
 
 
+def int8_weight_peak(model) -> int | None:
+    """The largest |integer| among the quantised weights of an OpenVINO model read from an ONNX;
+    None without any. Weights arrive in two forms: int8 constants (a DequantizeLinear of int8
+    initialisers) and float constants through a FakeQuantize (a QuantizeLinear/DequantizeLinear
+    pair on float weights), whose integer is the weight's step counted from zero's step."""
+    peaks = []
+    for node in model.get_ordered_ops():
+        kind = node.get_type_name()
+        if kind == "Constant" and node.get_element_type() == ov.Type.i8:
+            data = np.asarray(node.get_data())
+            if data.size > 1:  # weights, not a zero point
+                peaks.append(int(np.abs(data.astype(np.int16)).max()))
+        elif kind == "FakeQuantize" and int(node.get_attributes()["levels"]) in (255, 256):
+            parts = [node.input_value(i).get_node() for i in range(3)]
+            if any(part.get_type_name() != "Constant" for part in parts):
+                continue  # activations
+            x, lo, hi = (np.asarray(part.get_data(), np.float64) for part in parts)
+            steps = (int(node.get_attributes()["levels"]) - 1) / np.maximum(hi - lo, 1e-30)
+            level = np.rint((np.clip(x, lo, hi) - lo) * steps)
+            zero = np.rint(-lo * steps)
+            peaks.append(int(np.abs(level - zero).max()))
+    return max(peaks) if peaks else None
+
+
+def saturation_warning(weight_peak: int | None, device: str, cpu_flags: frozenset[str]) -> str | None:
+    """The warning an int8 graph deserves on this CPU, or None when its products are exact here."""
+    from ..autoselect import VNNI_FLAGS
+
+    x86 = "ssse3" in cpu_flags  # pmaddubsw, the saturating instruction, is SSSE3's
+    if weight_peak is None or weight_peak <= 64 or device != "CPU" or not x86 or VNNI_FLAGS & cpu_flags:
+        return None
+    return ("OpenVINO: warning: this int8 graph has 8-bit weights (up to ±" + str(weight_peak) + ") and this CPU has no "
+            "VNNI, so OpenVINO's int8 products saturate here and the labels can be wrong (the shipped model's "
+            "8-bit variant lost 10 points of mIoU that way). Quantise with 7-bit weights (`dilseg export "
+            "--precision int8 --target cpu` does, as does ONNX Runtime's quantize_static(reduce_range=True)) "
+            "or run this file with --backend onnxruntime, which computes it exactly")
+
+
 class OpenVINOBackend(Backend):
     name = "openvino"
     label = "OpenVINO"
@@ -167,6 +210,7 @@ class OpenVINOBackend(Backend):
         self._frame_made = 0  # frame-input requests made for batches
         self.cache_message = ""
         self.argmax_rewritten = 0
+        self.saturation_warning: str | None = None
 
     # -- load -----------------------------------------------------------------------------
 
@@ -202,6 +246,7 @@ class OpenVINOBackend(Backend):
         t0 = time.perf_counter()
         try:
             model = core.read_model(str(self.path))
+            weight_peak = int8_weight_peak(model)
             self.argmax_rewritten = rewrite_argmax(model)
             self.compiled = core.compile_model(model, self.options.ov_device, config)
         except Exception as exc:  # OpenVINO raises RuntimeError with multi-line C++ context
@@ -210,6 +255,11 @@ class OpenVINOBackend(Backend):
         self.cache_message = self._note_cache(folder, key, seconds)
         log = self.options.log or (lambda text: print(text, file=sys.stderr))
         log(self.cache_message)
+        from ..autoselect import cpu_facts
+
+        self.saturation_warning = saturation_warning(weight_peak, self.options.ov_device, cpu_facts()[1])
+        if self.saturation_warning:
+            log(self.saturation_warning)
         wanted = self.options.ov_precision
         if wanted and self.precision != wanted:
             # OpenVINO quietly runs f32 where the CPU lacks the asked precision; say so.
