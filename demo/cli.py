@@ -60,6 +60,10 @@ def streamlit_command(args: argparse.Namespace) -> list[str]:
            "--server.runOnSave", "false",
            "--global.developmentMode", "false",
            "--client.toolbarMode", "minimal",
+           # Streamlit runs a full gc.collect() after every script run, fragments included; the page
+           # reruns its stats fragment every second and each collection holds the GIL for a large
+           # fraction of a frame, stalling the camera worker's threads.
+           "--runner.postScriptGC", "false",
            "--server.maxUploadSize", str(args.max_upload_mb)]
     if args.address:
         cmd += ["--server.address", args.address]
