@@ -65,7 +65,7 @@ examples:
   dilseg bench --model edge_m.onnx --source drive.mp4 --frames 300
   dilseg bench --model edge_m.engine --frames 500 --json bench.json
   dilseg bench --model runs/edge_m/best.safetensors     # the trained weights on PyTorch, same pipeline
-  dilseg bench --model triton://127.0.0.1:8001/edge_m --shared-memory   # Triton on this machine, no socket copies
+  dilseg bench --model triton://127.0.0.1:8001/edge_m --shared-memory off   # Triton on this machine, over the socket
   dilseg bench --model edge_m_batch.onnx --source test:// --source test:// --source test:// --source test://
 
 It runs the whole pipeline (source -> preprocess -> infer -> postprocess -> render, no sink)
@@ -177,14 +177,21 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--reconnect", type=float, metavar="S",
                    help="seconds to wait for a lost server to come back, resending the frame in flight (default 60; "
                         "0: fail at once)")
-    c.add_argument("--shared-memory", action="store_true",
-                   help="send frames and get labels through system shared memory (server on this machine)")
+    c.add_argument("--shared-memory", choices=["auto", "on", "off"], nargs="?", const="on", default="auto",
+                   help="frames and labels through system shared memory instead of the socket: auto (default) when "
+                        "the server is on this machine and can map it, on (or the bare flag) insists, off never"),
 
 
 def _setup_logging() -> None:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="dilseg: %(message)s", stream=sys.stderr)
+
+
+def _backend_label(backend) -> str:
+    """The backend's name, and for a served model how frames travel (gRPC, + shared memory)."""
+    transport = getattr(backend, "transport", "")
+    return f"{backend.name}, {transport}" if transport else backend.name
 
 
 def _open_backend(args: argparse.Namespace, model: Path | str):
@@ -200,7 +207,8 @@ def _open_auto(args: argparse.Namespace, model: Path | str):
 
     given = {"threads": args.threads or None, "cuda_graph": args.cuda_graph or None, "fp16": args.fp16 or None,
              "dla_core": args.dla_core, "rebuild": args.rebuild or None, "timeout": args.timeout,
-             "reconnect": args.reconnect, "shared_memory": args.shared_memory or None,
+             "reconnect": args.reconnect,
+             "shared_memory": {"on": True, "off": False}.get(getattr(args, "shared_memory", "auto")),
              "ov_precision": getattr(args, "ov_precision", None), "ov_hint": getattr(args, "ov_hint", None),
              "ov_cache": getattr(args, "ov_cache", None)}
     given = {k: v for k, v in given.items() if v is not None}
@@ -271,7 +279,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         pipeline = Pipeline(source, Segmenter(backend), sinks, view=view, max_frames=args.max_frames, on_result=probe,
                             progress=not args.quiet, warmup=args.warmup)
         print(f"dilseg run: {getattr(backend.path, 'name', model) if choice else getattr(model, 'name', model)} "
-              f"({backend.name}) on {source.spec}"
+              f"({_backend_label(backend)}) on {source.spec}"
               f"{' (live)' if source.live else ''}; outputs: {', '.join(s.spec for s in sinks) or 'none'}",
               file=sys.stderr)
         try:
@@ -406,7 +414,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         backend, choice = _open_auto(args, model)
         stack.callback(backend.close)
         result = bench(source, backend, frames=args.frames, warmup=args.warmup,
-                       model=f"{backend.path} ({choice.describe()})" if choice else str(model),
+                       model=f"{backend.path} ({choice.describe()})" if choice else
+                       f"{model} ({_backend_label(backend)})" if getattr(backend, "transport", "") else str(model),
                        progress=not args.quiet)
     print(result.report())
     if args.json:

@@ -104,10 +104,10 @@ def hop_cost(model: str, url: str, frames: int, threads: int = 0, floor: bool = 
     pics = [cv2.imread(str(p)) for p in paths] or [np.random.default_rng(0).integers(0, 255, (360, 480, 3), np.uint8)]
     local = open_backend(model, "onnxruntime", **({"threads": threads} if threads else {}))
     contenders = {"in-process ONNX Runtime": Segmenter(local),
-                  "Triton gRPC": Segmenter(open_backend(url)),
+                  "Triton gRPC": Segmenter(open_backend(url, shared_memory=False)),
                   "Triton gRPC + shared memory": Segmenter(open_backend(url, shared_memory=True))}
     if floor:
-        contenders["floor: empty model, gRPC"] = Segmenter(open_backend(url + EMPTY_SUFFIX))
+        contenders["floor: empty model, gRPC"] = Segmenter(open_backend(url + EMPTY_SUFFIX, shared_memory=False))
         contenders["floor: empty model, shared memory"] = Segmenter(open_backend(url + EMPTY_SUFFIX, shared_memory=True))
     times: dict[str, list[float]] = {k: [] for k in contenders}
     for seg in contenders.values():  # warm-up

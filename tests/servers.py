@@ -320,6 +320,15 @@ def triton_missing(venv: SystemVenv | None = None) -> str | None:
     return None
 
 
+def can_unshare_mounts() -> str | None:
+    """None when this process may start a program in a mount namespace of its own, else why not."""
+    if shutil.which("unshare") is None:
+        return "unshare(1) is not installed (util-linux)"
+    r = subprocess.run(["unshare", "--mount", "sh", "-c", "mount -t tmpfs tmpfs /dev/shm"], capture_output=True,
+                       text=True, timeout=30)
+    return None if r.returncode == 0 else f"cannot make a mount namespace here: {r.stderr.strip() or r.returncode}"
+
+
 class TritonServer(ServerProcess):
     """tritonserver on 127.0.0.1 (HTTP, gRPC and metrics ports free unless given) serving ``repo``.
 
@@ -333,9 +342,13 @@ class TritonServer(ServerProcess):
 
     def __init__(self, repo: str | Path, http_port: int | None = None, grpc_port: int | None = None,
                  metrics_port: int | None = None, args: Sequence[str] = (), venv: SystemVenv | None = None,
-                 env: dict | None = None, log_path: str | Path | None = None):
+                 env: dict | None = None, log_path: str | Path | None = None, private_shm: bool = False):
         super().__init__(log_path)
         self.repo = Path(repo)
+        # private_shm: the server gets a /dev/shm of its own (a mount namespace with a fresh
+        # tmpfs), as a tritonserver in a container without --ipc=host has: it cannot map a
+        # client's shared-memory regions. Needs root and unshare(1) (``can_unshare_mounts``).
+        self.private_shm = private_shm
         self.venv = venv or SystemVenv()
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
@@ -362,7 +375,10 @@ class TritonServer(ServerProcess):
 
     def command(self) -> list[str]:
         root = tritonserver_dir(self.venv)
-        return [str(root / "bin" / "tritonserver"), f"--model-repository={self.repo}",
+        # exec all the way down: the process started is tritonserver itself (signals, kill).
+        wrap = (["unshare", "--mount", "sh", "-c", 'mount -t tmpfs tmpfs /dev/shm && exec "$@"', "sh"]
+                if self.private_shm else [])
+        return [*wrap, str(root / "bin" / "tritonserver"), f"--model-repository={self.repo}",
                 f"--backend-directory={root / 'backends'}", f"--cache-directory={root / 'caches'}",
                 "--http-address=127.0.0.1", f"--http-port={self.http_port}",
                 "--grpc-address=127.0.0.1", f"--grpc-port={self.grpc_port}",

@@ -296,12 +296,17 @@ def url(server: TritonServer, model: str = NAME, http: bool = False) -> str:
 
 
 @needs_camvid
-@pytest.mark.parametrize("how", ["grpc", "http", "grpc+shm", "http+shm"])
-def test_labels_equal_in_process_onnxruntime_on_camvid_frames(server, how):
+@pytest.mark.parametrize("how, shared, transport", [
+    ("grpc", False, "gRPC"), ("http", False, "HTTP"), ("grpc+shm", True, "gRPC + shared memory"),
+    ("http+shm", True, "HTTP + shared memory"),
+    ("grpc+auto", None, "gRPC + shared memory"),  # the default: a server on this machine gets shared memory
+])
+def test_labels_equal_in_process_onnxruntime_on_camvid_frames(server, how, shared, transport):
     frames = val_frames(3)
     with open_backend(MODEL, "onnxruntime") as local, open_backend(url(server, http=how.startswith("http")),
-                                                    shared_memory=how.endswith("shm")) as remote:
+                                                    shared_memory=shared) as remote:
         assert remote.name == "triton" and remote.meta.classes == local.meta.classes
+        assert remote.transport == transport and remote.describe()["transport"] == transport
         assert remote.capabilities.frame_input  # the Python-backend model takes frames
         here, there = Segmenter(local), Segmenter(remote)
         for frame in frames:
@@ -403,6 +408,104 @@ def test_info_reads_the_served_model_from_the_server(server, capsys):
     assert facts["meta"]["classes"] == list(read_meta(MODEL).classes) and facts["served"]["max_batch_size"] == 8
 
 
+def test_run_says_how_frames_travel(server):
+    base = [sys.executable, "-m", "dilseg.runtime.cli", "run", "--model", url(server), "--source",
+            "test://480x360?frames=3&live=0", "--quiet"]
+    for flag, says in (([], "(triton, gRPC + shared memory)"), (["--shared-memory", "off"], "(triton, gRPC)")):
+        r = subprocess.run(base + flag, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0 and says in r.stderr, r.stderr
+
+
+def test_a_server_that_cannot_map_our_shared_memory(sysvenv, tmp_path, caplog):
+    """A tritonserver with a /dev/shm of its own (a container without --ipc=host), for real: auto
+    falls back to the socket and says why; --shared-memory on refuses with what to do."""
+    from servers import can_unshare_mounts
+
+    from dilseg.runtime.backends.triton_backend import TritonError
+
+    reason = triton_missing(sysvenv) or can_unshare_mounts()
+    if reason:
+        unavailable(reason)
+    repo = tmp_path / "repo"
+    assert export(MODEL, "-o", repo, "--platform", "python", "--threads", "1") == 0
+    srv = TritonServer(repo, venv=sysvenv, private_shm=True, log_path=tmp_path / "tritonserver.log")
+    srv.start()
+    try:
+        frame = val_frames(1)[0] if (CAMVID / "val").is_dir() else np.full((360, 480, 3), 90, np.uint8)
+        with caplog.at_level("WARNING", logger="dilseg.triton"):
+            with open_backend(MODEL, "onnxruntime") as local, open_backend(url(srv)) as remote:
+                assert remote.transport == "gRPC"
+                np.testing.assert_array_equal(Segmenter(remote).process(frame).labels,
+                                              Segmenter(local).process(frame).labels)
+        assert any("cannot map this machine's shared memory" in r.getMessage() and "--ipc=host" in r.getMessage()
+                   for r in caplog.records), caplog.text
+        with pytest.raises(TritonError, match="--shared-memory on, but the server cannot use"):
+            open_backend(url(srv), shared_memory=True)
+        leftovers = [n for n in os.listdir("/dev/shm") if n.startswith(f"dilseg_{os.getpid()}_")]
+        assert leftovers == [], leftovers  # the probe's regions are gone
+    finally:
+        srv.stop(kill=True)
+
+
+def test_regions_of_killed_clients_are_removed_and_live_ones_kept(tmp_path):
+    import fcntl
+
+    from dilseg.runtime.backends.triton_backend import remove_orphaned_regions
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(gone.stdout)
+    names = [f"dilseg_{dead}_7f00aa_in", f"dilseg_{dead}_7f00aa_out",  # a killed client's
+             f"dilseg_{dead}_7f00cc_in",  # a live client in another pid namespace: it holds its lock
+             f"dilseg_{os.getpid()}_7f00bb_in", "dilseg_test_123_8000_x", "other_file"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x" * 64)
+    held = os.open(tmp_path / names[2], os.O_RDONLY)
+    fcntl.flock(held, fcntl.LOCK_SH)
+    try:
+        assert sorted(remove_orphaned_regions(tmp_path)) == sorted(names[:2])
+    finally:
+        os.close(held)
+    assert sorted(os.listdir(tmp_path)) == sorted(names[2:])
+
+
+def test_a_live_clients_regions_carry_its_lock(server):
+    """For real: the regions an open backend made are locked while it runs, so another process's
+    sweep keeps them, and they are gone once it closes."""
+    import fcntl
+
+    with open_backend(url(server)) as remote:
+        Segmenter(remote).process(np.full((360, 480, 3), 90, np.uint8))
+        mine = sorted(n for n in os.listdir("/dev/shm") if n.startswith(remote._shared.tag))
+        assert len(mine) == 2  # in and out
+        for name in mine:
+            fd = os.open(f"/dev/shm/{name}", os.O_RDONLY)
+            try:
+                with pytest.raises(BlockingIOError):
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(fd)
+        sweep = "from dilseg.runtime.backends.triton_backend import remove_orphaned_regions as r; r()"
+        subprocess.run([sys.executable, "-c", sweep], check=True, capture_output=True, timeout=120)
+        assert sorted(n for n in os.listdir("/dev/shm") if n.startswith(remote._shared.tag)) == mine
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"dilseg_{os.getpid()}_")]
+
+
+def test_regions_the_server_forgot_are_registered_again(server):
+    """Another client unregisters every region (Triton's unregister-all): the next frame registers
+    ours again instead of failing."""
+    import tritonclient.grpc as grpcclient
+
+    frame = np.full((360, 480, 3), 90, np.uint8)
+    with open_backend(url(server), shared_memory=True) as remote:
+        first = Segmenter(remote).process(frame).labels
+        other = grpcclient.InferenceServerClient(server.grpc_url)
+        other.unregister_system_shared_memory()
+        assert other.get_system_shared_memory_status(as_json=True) == {}
+        np.testing.assert_array_equal(Segmenter(remote).process(frame).labels, first)
+        assert len(other.get_system_shared_memory_status(as_json=True)["regions"]) == 2
+        other.close()
+
+
 def test_cli_errors_are_one_line(server, capsys):
     assert main(["run", "--model", url(server, "nope"), "--max-frames", "1", "--quiet"]) == 2
     err = capsys.readouterr().err
@@ -473,7 +576,7 @@ def test_a_server_killed_and_restarted_mid_run_loses_no_frame(server, tmp_path, 
     labels = tmp_path / "labels"
     cmd = [sys.executable, "-m", "dilseg.runtime.cli", "run", "--model", url(server, http=how.startswith("http")),
            "--reconnect", "60", "--source", f"test://480x360?frames={frames}&live=0", "--labels", str(labels),
-           "--quiet"] + (["--shared-memory"] if how.endswith("shm") else [])
+           "--quiet", "--shared-memory"] + ([] if how.endswith("shm") else ["off"])  # the bare flag: on
     run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60

@@ -11,15 +11,20 @@ description is an error, never a wrong mask.
 
 A server that goes away mid-run (restart, crash) is waited for, up to ``reconnect`` seconds:
 the request in flight is sent again once the model is ready, so the run continues and loses
-no frame of a file (a live source keeps dropping to its newest frame meanwhile). With
-``shared_memory`` (server on this machine) frames and labels travel through POSIX shared
-memory registered with the server instead of the socket. gRPC requests are framed by
+no frame of a file (a live source keeps dropping to its newest frame meanwhile).
+
+``shared_memory``: frames and labels travel through POSIX shared memory registered with the
+server instead of the socket. None (auto, the default) uses it when the URL names this machine
+and the server can map a probe region (a tritonserver in a container with a /dev/shm of its
+own cannot: then the socket, with a warning saying why); True insists (an error when it cannot
+work), False keeps the socket. gRPC requests are framed by
 ``triton_wire`` (the request's header serialised once per shape, each frame's bytes appended),
 HTTP ones by tritonclient.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import socket
@@ -70,7 +75,7 @@ class TritonTimeout(TritonError):
 @dataclass(frozen=True)
 class TritonOptions(BackendOptions):
     timeout: float = 10.0  # seconds one request (or a status query) may take
-    shared_memory: bool = False  # frames and labels through system shared memory (server on this machine)
+    shared_memory: bool | None = None  # system shared memory for frames and labels; None: when the server can map it
     reconnect: float = 60.0  # seconds to wait for a lost server to come back; 0: fail at once
 
     def __post_init__(self) -> None:
@@ -169,16 +174,71 @@ def tensor_to_frames(tensor: np.ndarray, meta: ModelMeta) -> np.ndarray:
     return np.ascontiguousarray(pixels.transpose(0, 2, 3, 1))
 
 
+SHM_PREFIX = "dilseg_"  # /dev/shm/dilseg_<pid>_<id>_<role>
+
+
+def remove_orphaned_regions(folder: str | Path = "/dev/shm") -> list[str]:
+    """Unlink the regions a killed dilseg client left behind; returns their names. A region's
+    memory is held until its file goes, so without this each killed client would keep ~0.7 MB of
+    RAM per 360x480 stream until the machine restarts. A region is an orphan when the pid in its
+    name does not run here and nobody holds the shared lock its owner keeps on it (a client in
+    another pid namespace sharing this /dev/shm keeps its lock, so its regions stay)."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        parts = name.split("_")
+        if not name.startswith(SHM_PREFIX) or len(parts) < 4 or not parts[1].isdigit():
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+            continue  # alive here
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        path = os.path.join(folder, name)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # its owner still holds it
+        else:
+            try:
+                os.unlink(path)
+                removed.append(name)
+            except OSError:
+                pass
+        finally:
+            os.close(fd)
+    return removed
+
+
 class _SharedMemory:
     """Input and output regions in /dev/shm, registered with the server; grown when a bigger batch
     needs it, registered again after a server restart."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: dict | None = None) -> None:
         import tritonclient.utils.shared_memory as shm
 
         self.shm = shm
-        self.tag = f"dilseg_{os.getpid()}_{id(self):x}"
+        # A stopped server must not hang a registration: gRPC calls take ``client_timeout``
+        # (HTTP clients carry their timeout already).
+        self.timeout = timeout or {}
+        self.tag = f"{SHM_PREFIX}{os.getpid()}_{id(self):x}"
         self.regions: dict[str, tuple[object, int]] = {}  # role -> (handle, bytes)
+        self.locks: dict[str, int] = {}  # role -> fd holding a shared lock on its file
+
+    def probe(self, client) -> None:
+        """Register and drop a small region: raises what the server answers when it cannot map
+        this machine's shared memory."""
+        self.ensure(client, "probe", 64)
+        self._drop(client, "probe")
 
     def name(self, role: str) -> str:
         return f"{self.tag}_{role}"
@@ -191,27 +251,46 @@ class _SharedMemory:
             self._drop(client, role)
         handle = self.shm.create_shared_memory_region(self.name(role), f"/{self.name(role)}", nbytes)
         self.regions[role] = (handle, nbytes)
-        client.register_system_shared_memory(self.name(role), f"/{self.name(role)}", nbytes)
+        self._hold(role)
+        try:
+            client.register_system_shared_memory(self.name(role), f"/{self.name(role)}", nbytes, **self.timeout)
+        except Exception:
+            # Not known to be registered (a timeout may or may not have reached the server): made
+            # again, and registered, by the next request.
+            self._drop(client, role)
+            raise
         return handle
+
+    def _hold(self, role: str) -> None:
+        """A shared lock on the region's file for as long as it is ours (remove_orphaned_regions)."""
+        try:
+            fd = os.open(f"/dev/shm/{self.name(role)}", os.O_RDONLY)
+        except OSError:  # shared memory elsewhere than /dev/shm: nothing to mark
+            return
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        self.locks[role] = fd
 
     def register_all(self, client) -> None:
         """After a reconnect: a restarted server has forgotten the regions, one that only dropped
         the connection still knows them; either way they end up registered once."""
         for role, (_, size) in self.regions.items():
             try:
-                client.unregister_system_shared_memory(self.name(role))
+                client.unregister_system_shared_memory(self.name(role), **self.timeout)
             except Exception:  # not registered (a restarted server): nothing to undo
                 pass
-            client.register_system_shared_memory(self.name(role), f"/{self.name(role)}", size)
+            client.register_system_shared_memory(self.name(role), f"/{self.name(role)}", size, **self.timeout)
 
     def _drop(self, client, role: str) -> None:
         handle, _ = self.regions.pop(role)
         if client is not None:
             try:
-                client.unregister_system_shared_memory(self.name(role))
+                client.unregister_system_shared_memory(self.name(role), **self.timeout)
             except Exception:  # the server may be gone already: the region is ours to free regardless
                 pass
         self.shm.destroy_shared_memory_region(handle)
+        fd = self.locks.pop(role, None)
+        if fd is not None:
+            os.close(fd)
 
     def close(self, client) -> None:
         for role in list(self.regions):
@@ -255,6 +334,7 @@ class TritonBackend(Backend):
         self.url = url if isinstance(url, TritonURL) else parse_triton_url(str(url))
         super().__init__(Path(self.url.model), options if options is not None or not kwargs else TritonOptions(**kwargs))
         self.served: ServedModel | None = None
+        self.transport = ""  # how frames travel: "gRPC", "HTTP", either "+ shared memory"
         self.reconnects = 0  # times the server was lost and found again
         self._module = None
         self._shared: _SharedMemory | None = None
@@ -355,15 +435,40 @@ class TritonBackend(Backend):
             raise TritonError(f"the Triton client needs tritonclient ({exc}); pip install 'dilseg[triton]'") from None
         self._module = module
         self._closing.clear()
-        if self.options.shared_memory and not self.url.local:
-            raise TritonError(f"{self.url}: --shared-memory needs the server on this machine (127.0.0.1 or "
+        wanted = self.options.shared_memory
+        if wanted and not self.url.local:
+            raise TritonError(f"{self.url}: --shared-memory on needs the server on this machine (127.0.0.1 or "
                               f"localhost), not {self.url.host}")
         self.served = self._connect()
         self.meta = self.served.meta
         # What the server takes decides how frames are prepared: a frame server gets resized uint8 frames.
         self.capabilities = Capabilities(frame_input=self.served.frame_input)
-        if self.options.shared_memory:
-            self._shared = _SharedMemory()
+        self.transport = "gRPC" if self.url.protocol == "grpc" else "HTTP"
+        if wanted is False or not self.url.local:
+            return
+        remove_orphaned_regions()
+        shared = _SharedMemory({"client_timeout": self.options.timeout} if self.url.protocol == "grpc" else None)
+        try:
+            shared.probe(self._client())
+        except Exception as exc:  # the server's refusal (tritonclient) or this machine's (OSError)
+            shared.close(None)
+            ours = isinstance(exc, (OSError, shared.shm.SharedMemoryException))
+            kind = "refused" if ours else _classify(exc)
+            if kind == "timeout":
+                raise TritonTimeout(f"{self.url}: the server did not answer a shared-memory registration within "
+                                    f"{self.options.timeout:g} s (raise --timeout if it is busy)") from None
+            if kind == "gone":
+                raise TritonUnavailable(f"{self.url}: lost the server while registering shared memory "
+                                        f"({_reason(exc)}); check tritonserver") from None
+            if wanted:
+                raise TritonError(f"{self.url}: --shared-memory on, but the server cannot use this machine's shared "
+                                  f"memory ({_reason(exc)}); a tritonserver in a container needs --ipc=host, or "
+                                  "pass --shared-memory off") from None
+            log.warning("%s: the server cannot map this machine's shared memory (%s); frames go over the socket "
+                        "(a tritonserver in a container needs --ipc=host for it)", self.url, _reason(exc))
+            return
+        self._shared = shared
+        self.transport += " + shared memory"
 
     def _reconnect(self, cause: BaseException) -> None:
         wait = self.options.reconnect
@@ -435,12 +540,20 @@ class TritonBackend(Backend):
         if n > max(served.max_batch_size, 1):
             raise BackendError(f"{self.url}: a batch of {n} exceeds the model's max_batch_size {served.max_batch_size}")
         with self._lock:
+            registered_again = False
             while True:
                 try:
                     return self._check(self._send(batch), batch)
                 except TritonError:
                     raise
                 except Exception as exc:  # tritonclient, grpc, gevent and socket errors
+                    if (self._shared is not None and not registered_again
+                            and "unable to find shared memory region" in _reason(exc).lower()):
+                        # The server forgot our regions without dropping the connection (a
+                        # registration lost to a timeout, an unregister by someone else): once more.
+                        registered_again = True
+                        self._shared.register_all(self._client())
+                        continue
                     kind = _classify(exc)
                     if kind == "timeout":
                         raise TritonTimeout(f"{self.url}: no answer within {self.options.timeout:g} s (a busy or "
@@ -529,7 +642,7 @@ class TritonBackend(Backend):
         self.require_loaded()
         s = self.served
         return {"server": str(self.url), "sends": "BGR uint8 frames" if s.frame_input else "normalised tensors",
-                "max_batch_size": s.max_batch_size,
+                "transport": self.transport, "max_batch_size": s.max_batch_size,
                 "input": f"{s.input_name}: {s.input_type} {list(s.input_dims)}",
                 "output": f"{s.output_name}: {s.output_type} {list(s.output_dims)}"}
 
