@@ -45,6 +45,7 @@ import cv2
 import numpy as np
 
 from ..artifact import ONNX_SUFFIX, read_onnx_meta
+from ..autoselect import VNNI_FLAGS, cpu_facts
 from ..errors import first_line, os_errors_as
 from ..files import atomic_write_bytes, sha256_file
 from ..preprocess import input_size_for
@@ -175,12 +176,10 @@ def int8_weight_peak(model) -> int | None:
 
 def saturation_warning(weight_peak: int | None, device: str, cpu_flags: frozenset[str]) -> str | None:
     """The warning an int8 graph deserves on this CPU, or None when its products are exact here."""
-    from ..autoselect import VNNI_FLAGS
-
     x86 = "ssse3" in cpu_flags  # pmaddubsw, the saturating instruction, is SSSE3's
     if weight_peak is None or weight_peak <= 64 or device != "CPU" or not x86 or VNNI_FLAGS & cpu_flags:
         return None
-    return ("OpenVINO: warning: this int8 graph has 8-bit weights (up to ±" + str(weight_peak) + ") and this CPU has no "
+    return (f"OpenVINO: warning: this int8 graph has 8-bit weights (up to ±{weight_peak}) and this CPU has no "
             "VNNI, so OpenVINO's int8 products saturate here and the labels can be wrong (the shipped model's "
             "8-bit variant lost 10 points of mIoU that way). Quantise with 7-bit weights (`dilseg export "
             "--precision int8 --target cpu` does, as does ONNX Runtime's quantize_static(reduce_range=True)) "
@@ -255,8 +254,6 @@ class OpenVINOBackend(Backend):
         self.cache_message = self._note_cache(folder, key, seconds)
         log = self.options.log or (lambda text: print(text, file=sys.stderr))
         log(self.cache_message)
-        from ..autoselect import cpu_facts
-
         self.saturation_warning = saturation_warning(weight_peak, self.options.ov_device, cpu_facts()[1])
         if self.saturation_warning:
             log(self.saturation_warning)

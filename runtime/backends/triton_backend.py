@@ -552,8 +552,11 @@ class TritonBackend(Backend):
                         # The server forgot our regions without dropping the connection (a
                         # registration lost to a timeout, an unregister by someone else): once more.
                         registered_again = True
-                        self._shared.register_all(self._client())
-                        continue
+                        try:
+                            self._shared.register_all(self._client())
+                            continue
+                        except Exception:  # noqa: BLE001 - the request's own error is reported below
+                            pass
                     kind = _classify(exc)
                     if kind == "timeout":
                         raise TritonTimeout(f"{self.url}: no answer within {self.options.timeout:g} s (a busy or "
