@@ -179,7 +179,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                         "0: fail at once)")
     c.add_argument("--shared-memory", choices=["auto", "on", "off"], nargs="?", const="on", default="auto",
                    help="frames and labels through system shared memory instead of the socket: auto (default) when "
-                        "the server is on this machine and can map it, on (or the bare flag) insists, off never"),
+                        "the server is on this machine and can map it, on (or the bare flag) insists, off never")
 
 
 def _setup_logging() -> None:
