@@ -48,14 +48,10 @@ def free_batch_axis(proto: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _run(model: bytes, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
     from dilseg.runtime.ort_options import open_session
 
-    def silent(so: ort.SessionOptions) -> None:
-        so.log_severity_level = 4  # a graph that cannot batch is reported in one line, not ORT's log
-
-    sess = open_session(model, configure=silent)
+    # A graph that cannot batch is reported in one line, not ORT's log.
+    sess = open_session(model, log_level=4)
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
 
 

@@ -342,14 +342,9 @@ def graph_precision(proto: onnx.ModelProto) -> str:
 # -- running and checking ------------------------------------------------------------------
 
 def _session(proto: onnx.ModelProto):
-    import onnxruntime as ort
-
     from dilseg.runtime.ort_options import open_session
 
-    def quiet(so: ort.SessionOptions) -> None:
-        so.log_severity_level = 3
-
-    return open_session(proto.SerializeToString(), configure=quiet)
+    return open_session(proto.SerializeToString(), log_level=3)
 
 
 def frames_from(folder: str | Path | None, count: int) -> tuple[list[np.ndarray], bool]:

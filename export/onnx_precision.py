@@ -27,8 +27,6 @@ def labels_of(sess, x: np.ndarray, output_kind: str) -> np.ndarray:
 
 
 def run_from_onnx(args: argparse.Namespace) -> int:
-    import onnxruntime as ort
-
     from dilseg.runtime.artifact import read_onnx_meta
     from dilseg.runtime.dataset import read_image
     from dilseg.runtime.files import atomic_write_bytes
@@ -54,11 +52,8 @@ def run_from_onnx(args: argparse.Namespace) -> int:
     proto = onnx.load(str(src))
     variant, vmeta = make_variant(proto, meta, args.precision, calib, args.target, args.calib_method)
 
-    def quiet(so: ort.SessionOptions) -> None:
-        so.log_severity_level = 3
-
-    ref = open_session(str(src), configure=quiet)
-    cand = open_session(variant.SerializeToString(), configure=quiet)
+    ref = open_session(str(src), log_level=3)
+    cand = open_session(variant.SerializeToString(), log_level=3)
     picks = calib[:: max(1, len(calib) // 4)][:4]
     same = total = 0
     for path in picks:

@@ -32,12 +32,15 @@ UNFUSED_NOTE = ("note: ONNX Runtime cannot fully optimise this graph with exact 
 
 def open_session(model: str | bytes, providers: tuple | list = CPU,
                  configure: Callable[[ort.SessionOptions], None] | None = None,
-                 log: Callable[[str], None] | None = None) -> ort.InferenceSession:
+                 log: Callable[[str], None] | None = None, log_level: int | None = None) -> ort.InferenceSession:
     """An InferenceSession of ``model`` (a path or serialised bytes); ``configure`` sets the
-    caller's own options (threads, log level) on each SessionOptions tried."""
+    caller's own options (threads, optimisation) on each SessionOptions tried; ``log_level``
+    is ONNX Runtime's ``log_severity_level`` (3: errors only, 4: fatal only)."""
 
     def options(unfused: bool) -> ort.SessionOptions:
         so = ort.SessionOptions()
+        if log_level is not None:
+            so.log_severity_level = log_level
         if configure is not None:
             configure(so)
         so.add_session_config_entry(*EXACT_INT8)
