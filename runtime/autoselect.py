@@ -14,7 +14,7 @@ the machine once:
    both measured slower than ONNX Runtime's int8 on such a CPU: README, CPU table);
 4. else an x86 CPU with AVX2 but no VNNI: the same int8 variant on ONNX Runtime. Its weights
    have 7 bits, so AVX2's saturating int16 pair sums stay exact (export/quantize.py); it was
-   measured 1.6x faster than fp32 on such a CPU, with OpenVINO's int8 within 10 % of it (README);
+   measured 1.55-1.6x faster than fp32 on such a CPU, with OpenVINO's int8 within 10 % of it (README);
 5. else the fp32 graph on ONNX Runtime.
 """
 
