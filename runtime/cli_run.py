@@ -413,10 +413,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         source = stack.enter_context(open_source(args.source))
         backend, choice = _open_auto(args, model)
         stack.callback(backend.close)
+        how = choice.describe() if choice else (_backend_label(backend) if getattr(backend, "transport", "") else "")
         result = bench(source, backend, frames=args.frames, warmup=args.warmup,
-                       model=f"{backend.path} ({choice.describe()})" if choice else
-                       f"{model} ({_backend_label(backend)})" if getattr(backend, "transport", "") else str(model),
-                       progress=not args.quiet)
+                       model=f"{backend.path if choice else model}{f' ({how})' if how else ''}", progress=not args.quiet)
     print(result.report())
     if args.json:
         result.write_json(args.json)

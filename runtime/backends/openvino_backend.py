@@ -45,7 +45,7 @@ import cv2
 import numpy as np
 
 from ..artifact import ONNX_SUFFIX, read_onnx_meta
-from ..autoselect import VNNI_FLAGS, cpu_facts
+from ..autoselect import Machine, cpu_facts
 from ..errors import first_line, os_errors_as
 from ..files import atomic_write_bytes, sha256_file
 from ..preprocess import input_size_for
@@ -177,7 +177,7 @@ def int8_weight_peak(model) -> int | None:
 def saturation_warning(weight_peak: int | None, device: str, cpu_flags: frozenset[str]) -> str | None:
     """The warning an int8 graph deserves on this CPU, or None when its products are exact here."""
     x86 = "ssse3" in cpu_flags  # pmaddubsw, the saturating instruction, is SSSE3's
-    if weight_peak is None or weight_peak <= 64 or device != "CPU" or not x86 or VNNI_FLAGS & cpu_flags:
+    if weight_peak is None or weight_peak <= 64 or device != "CPU" or not x86 or Machine(cpu_flags=cpu_flags).vnni:
         return None
     return (f"OpenVINO: warning: this int8 graph has 8-bit weights (up to ±{weight_peak}) and this CPU has no "
             "VNNI, so OpenVINO's int8 products saturate here and the labels can be wrong (the shipped model's "
